@@ -1,0 +1,73 @@
+"""The Flower ClientApp: thin glue between messages and :mod:`client.task`."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import protocol
+from client.task import client_id, distill_local, fedavg_local, local_data
+from ddcore.runconfig import RunConfig, from_flat
+from ddcore.summary import Summary
+
+app = ClientApp()
+
+_PREVIOUS = "previous-summary"  # node state: this client's last summary (iterative rounds)
+
+
+def _read_config(message: Message) -> tuple[RunConfig, int, int]:
+    """The run config, number of classes and round the server sent."""
+    flat = dict(message.content[protocol.CONFIG])
+    num_classes = int(flat.pop("num-classes"))
+    server_round = int(flat.pop("server-round", 1))
+    return from_flat(flat), num_classes, server_round
+
+
+@app.train("distill")
+def distill_summary(message: Message, context: Context) -> Message:
+    """Distill this node's data and reply with the (compactly encoded) summary."""
+    cfg, num_classes, server_round = _read_config(message)
+    cid = client_id(context.node_config)
+    data = local_data(cfg, context.node_config)
+    global_state, previous = None, None
+    if protocol.ARRAYS in message.content:  # iterative round: refine around the global model
+        global_state = message.content[protocol.ARRAYS].to_torch_state_dict()
+        if _PREVIOUS in context.state:
+            prev = context.state[_PREVIOUS]
+            previous = Summary.from_arrays(protocol.content_arrays(prev), {})
+    seed = cfg.distill.seed * 100_003 + cid * 101 + server_round
+    summary, m = distill_local(data, cfg, num_classes, seed, global_state, previous)
+    summary = summary.with_meta(**{"client-id": cid, "server-round": server_round})
+    if cfg.rounds > 1:
+        context.state[_PREVIOUS] = protocol.summary_content(summary, "float32", None, {})[protocol.SUMMARY]
+    metrics = {
+        "num-examples": len(data),
+        "client-id": cid,
+        "distill-seconds": m.seconds,
+        "peak-rss-mb": m.peak_rss_mb,
+        "images": len(summary),
+    }
+    resolution = cfg.summary_resolution or None
+    content = protocol.summary_content(summary, cfg.summary_dtype, resolution, metrics)
+    return Message(content=content, reply_to=message)
+
+
+@app.train()
+def fedavg_update(message: Message, context: Context) -> Message:
+    """One FedAvg round: train the received global model on local data, return the weights."""
+    cfg, num_classes, server_round = _read_config(message)
+    cid = client_id(context.node_config)
+    data = local_data(cfg, context.node_config)
+    state = message.content[protocol.ARRAYS].to_torch_state_dict()
+    seed = cfg.distill.seed * 100_003 + cid * 101 + server_round
+    new_state, loss, m = fedavg_local(data, cfg, num_classes, state, seed)
+    content = RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord(new_state),
+            protocol.METRICS: MetricRecord(
+                {"num-examples": len(data), "client-id": cid, "train-loss": loss,
+                 "train-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb}
+            ),
+        }
+    )
+    return Message(content=content, reply_to=message)

@@ -1,0 +1,82 @@
+"""What travels between the ServerApp and the ClientApp, and how its bytes are counted.
+
+Both sides import this module, so the record keys and message types live in one place.
+Bytes are counted with Flower's ``count_bytes()`` on every record of a message's content
+(arrays as serialised ``.npy`` buffers, header included, plus config and metric entries);
+``array_bytes`` gives the raw array payload (the sum of ``nbytes``) for comparison.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from ddcore.summary import Summary
+
+CONFIG = "config"  # ConfigRecord: the flat run-config plus per-round values
+ARRAYS = "arrays"  # ArrayRecord: model weights (FedAvg both ways; global model when iterative)
+SUMMARY = "summary"  # ArrayRecord: the encoded summary a client sends
+META = "meta"  # ConfigRecord: the summary's metadata
+METRICS = "metrics"  # MetricRecord: num-examples, seconds, peak memory, ...
+
+DISTILL = "train.distill"  # message type of a distillation request
+FEDAVG = "train"  # message type of a FedAvg round (Flower's FedAvg sends plain "train")
+
+EXTRA_KEYS = ("num-classes", "server-round")  # sent beside the flat run-config
+
+
+def summary_content(summary: Summary, dtype: str, resolution: int | None, metrics: dict) -> RecordDict:
+    """The reply content carrying ``summary`` encoded as ``dtype`` at ``resolution``."""
+    arrays = summary.to_arrays(dtype, resolution)
+    return RecordDict(
+        {
+            SUMMARY: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            META: ConfigRecord(summary.wire_meta(dtype, resolution)),
+            METRICS: MetricRecord(metrics),
+        }
+    )
+
+
+def content_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Decode every array of ``record`` to NumPy (never unpickles)."""
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def _scalar_bytes(value: object) -> int:
+    if isinstance(value, bool):
+        return 1
+    if isinstance(value, int | float):
+        return 8  # 64-bit on the wire
+    if isinstance(value, str | bytes):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_scalar_bytes(v) for v in value)
+    raise TypeError(f"unexpected config value type {type(value).__name__}")
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of a message's content as Flower counts them (all records).
+
+    Array and metric records use their own ``count_bytes()``. Config records use the same
+    rule (key length + 8 per number, 1 per bool, length of strings), computed here because
+    Flower's ``ConfigRecord.count_bytes()`` raises on an empty string value.
+    """
+    total = 0
+    for record in content.values():
+        if isinstance(record, ConfigRecord):
+            total += sum(len(k) + _scalar_bytes(v) for k, v in record.items())
+        else:
+            total += record.count_bytes()
+    return total
+
+
+def array_bytes(content: RecordDict) -> int:
+    """Raw payload bytes of every array in ``content`` (shape x itemsize, no headers)."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            for array in record.values():
+                total += math.prod(array.shape) * np.dtype(array.dtype).itemsize
+    return total

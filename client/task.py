@@ -1,0 +1,102 @@
+"""The client's work without Flower: find its data, distill it, or train a FedAvg step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+import torch
+
+from ddcore.data import Dataset, load_dataset
+from ddcore.errors import ConfigError
+from ddcore.methods import distill
+from ddcore.models import ModelFactory, build_model, model_factory
+from ddcore.partition import partition_indices
+from ddcore.profile import Measurement, measure
+from ddcore.runconfig import RunConfig
+from ddcore.summary import Summary
+from ddcore.train import train_model
+
+NodeConfig = Mapping[str, str | int | float | bool]
+
+
+def client_id(node_config: NodeConfig) -> int:
+    """The node's partition id (simulation and demos) or ``client-id`` (deployments)."""
+    for key in ("partition-id", "client-id"):
+        if key in node_config:
+            return int(node_config[key])
+    return 0
+
+
+def local_data(cfg: RunConfig, node_config: NodeConfig) -> Dataset:
+    """This node's private training data.
+
+    A deployed node names its own file with ``data-path`` (an ``.npz`` or ImageFolder); a
+    simulated or demo node takes partition ``partition-id`` of ``num-partitions`` of the
+    run's dataset, partitioned exactly as for every other method.
+    """
+    if "data-path" in node_config:
+        return load_dataset(str(node_config["data-path"]), seed=cfg.partition.seed).train
+    if "partition-id" not in node_config:
+        raise ConfigError("node config needs data-path=<file> or partition-id=<i> num-partitions=<n>")
+    pid = int(node_config["partition-id"])
+    num = int(node_config.get("num-partitions", cfg.partition.num_partitions))
+    if not 0 <= pid < num:
+        raise ConfigError(f"partition-id {pid} is outside 0..{num - 1}")
+    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed)
+    parts = partition_indices(splits.train.y.numpy(), replace(cfg.partition, num_partitions=num))
+    return splits.train.subset(parts[pid])
+
+
+def perturbed_factory(base: ModelFactory, state: dict[str, torch.Tensor], radius: float) -> ModelFactory:
+    """Models sampled around a global model: ``w + radius * |w|-scaled Gaussian noise`` (FedDM)."""
+
+    def make(generator: torch.Generator) -> torch.nn.Module:
+        model = base(generator)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                w = state[name].to(param.device, param.dtype)
+                noise = torch.randn(w.shape, generator=generator).to(w.device)
+                param.copy_(w + radius * w.abs().mean() * noise)
+        return model
+
+    return make
+
+
+def distill_local(
+    data: Dataset,
+    cfg: RunConfig,
+    num_classes: int,
+    seed: int,
+    global_state: dict[str, torch.Tensor] | None = None,
+    previous: Summary | None = None,
+) -> tuple[Summary, Measurement]:
+    """Distill ``data`` as ``cfg`` says; with a global model, match models sampled around it."""
+    data = Dataset(data.x, data.y, num_classes, data.mean, data.std, data.name)
+    factory = model_factory(cfg.distill.model, data.image_shape, num_classes, cfg.distill.device)
+    if global_state is not None:
+        factory = perturbed_factory(factory, global_state, cfg.perturb)
+    with measure(cfg.distill.device) as m:
+        summary = distill(data, factory, replace(cfg.distill, seed=seed), init=previous)
+    return summary, m
+
+
+def fedavg_local(
+    data: Dataset,
+    cfg: RunConfig,
+    num_classes: int,
+    state: dict[str, torch.Tensor],
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], float, Measurement]:
+    """One FedAvg client update: ``local_epochs`` of SGD from the global weights."""
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model(cfg.distill.model, data.image_shape, num_classes, generator, cfg.distill.device)
+    model.load_state_dict(state)
+    local = replace(cfg.train, epochs=cfg.local_epochs, lr=cfg.local_lr,
+                    batch_size=cfg.local_batch_size, min_steps=0, lr_decay=False)
+    losses: list[float] = []
+    with measure(cfg.distill.device) as m:
+        train_model(model, data.x, data.y, local, generator,
+                    progress=lambda step, total, metrics: losses.append(metrics["loss"]))
+    mean_loss = sum(losses) / max(len(losses), 1)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, mean_loss, m

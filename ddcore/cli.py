@@ -1,0 +1,164 @@
+"""Command line: distill a dataset centrally, evaluate the summary, write metrics and pictures.
+
+    python -m ddcore distill --dataset mnist5k --method dm --ipc 10 --out runs/dm10
+
+Writes DIR/metrics.json, DIR/summary.pt and DIR/synthetic.png, only once everything has
+succeeded. Bad input gives one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ddcore.data import Dataset, load_dataset
+from ddcore.errors import ConfigError, DDCoreError
+from ddcore.methods import METHODS, distill
+from ddcore.methods.base import ClassIndex
+from ddcore.models import model_factory
+from ddcore.profile import measure
+from ddcore.runconfig import RUN_PRESETS, RunConfig, from_flat, run_preset, to_flat
+from ddcore.summary import Summary
+from ddcore.train import train_and_evaluate
+
+# flag -> flat run-config key
+FLAGS = ("method", "ipc", "iterations", "init", "seed", "device", "model", "model-width", "batch-real",
+         "lr-images", "outer-loop", "inner-loop", "dsa-strategy", "train-epochs", "train-min-steps")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ddcore", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("distill", help="distill a dataset and evaluate the summary")
+    p.add_argument("--dataset", default="mnist5k", help="registered name or path to .npz / ImageFolder")
+    p.add_argument("--data-dir", default=None, help="folder of torchvision dataset files")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<method>_ipc<k>)")
+    p.add_argument("--preset", default="default", choices=sorted(RUN_PRESETS))
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip evaluating random real samples of the same size")
+    for flag in FLAGS:
+        p.add_argument(f"--{flag}", default=None, help=f"overrides run-config '{flag}'")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    overrides = {f: getattr(args, f.replace("-", "_")) for f in FLAGS if getattr(args, f.replace("-", "_"))}
+    cfg = from_flat(overrides, base=run_preset(args.preset))
+    if cfg.distill.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return cfg
+
+
+def _check_ipc(data: Dataset, ipc: int) -> None:
+    index = ClassIndex(data.y, data.num_classes)
+    smallest = min(index.count(c) for c in index.present())
+    if ipc > smallest:
+        raise ConfigError(f"ipc {ipc} exceeds the {smallest} examples of the smallest class of "
+                          f"{data.name}; use --ipc <= {smallest}")
+
+
+def _bar(desc: str, quiet: bool):
+    """A tqdm-driven progress callback ``(step, total, metrics)``, or None when quiet."""
+    if quiet:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(step: int, total: int, metrics: dict[str, float]) -> None:
+        bar.total = total
+        bar.n = step
+        if metrics:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+        bar.refresh()
+
+    return progress, bar
+
+
+def run_distill(args: argparse.Namespace) -> dict:
+    cfg = _config(args)
+    METHODS.get(cfg.distill.method)
+    splits = load_dataset(args.dataset, data_dir=args.data_dir, seed=cfg.partition.seed)
+    _check_ipc(splits.train, cfg.distill.ipc)
+    out = args.out or Path("runs") / f"{cfg.distill.method}_ipc{cfg.distill.ipc}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    factory = model_factory(cfg.distill.model, splits.train.image_shape, splits.train.num_classes,
+                            cfg.distill.device)
+    progress, bar = _bar(f"distill {cfg.distill.method}", args.quiet)
+    with measure(cfg.distill.device) as m:
+        summary = distill(splits.train, factory, cfg.distill, progress=progress)
+    if bar is not None:
+        bar.close()
+    metrics = {"method": cfg.distill.method, "ipc": cfg.distill.ipc, "dataset": splits.train.name,
+               "images": len(summary), "distill_seconds": m.seconds, "distill_peak_rss_mb": m.peak_rss_mb,
+               "summary_bytes": sum(a.nbytes for a in summary.to_arrays().values())}
+    metrics.update(_evaluate("", summary, splits, cfg, args.quiet))
+    if not args.no_baseline and cfg.distill.method != "random_real":
+        baseline = distill(splits.train, factory, replace(cfg.distill, method="random_real"))
+        metrics.update(_evaluate("random_real_", baseline, splits, cfg, args.quiet))
+    from importlib.metadata import version
+
+    from ddcore.plots import plot_summary
+
+    metrics["config"] = to_flat(cfg)
+    metrics["versions"] = {p: version(p) for p in ("torch", "numpy")}
+    metrics["torch_threads"] = torch.get_num_threads()
+    _write_outputs(out, metrics, summary, splits.train, plot_summary)
+    return metrics
+
+
+def _evaluate(prefix: str, summary: Summary, splits, cfg: RunConfig, quiet: bool) -> dict:
+    factory = model_factory(cfg.distill.model, splits.train.image_shape, splits.train.num_classes,
+                            cfg.distill.device)
+    progress, bar = _bar(f"train on {prefix or 'summary '}".strip(), quiet)
+    start = time.perf_counter()
+    _, result = train_and_evaluate(factory, summary.images, summary.labels, splits.test, cfg.train,
+                                   seed=cfg.distill.seed, lrs=summary.lrs, progress=progress)
+    if bar is not None:
+        bar.close()
+    return {f"{prefix}test_accuracy": result["accuracy"], f"{prefix}test_loss": result["loss"],
+            f"{prefix}train_seconds": time.perf_counter() - start}
+
+
+def _write_outputs(out: Path, metrics: dict, summary: Summary, data: Dataset, plot) -> None:
+    """Write everything into a temporary folder beside ``out``, then move the files in."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        summary.with_meta(seed=metrics["config"]["seed"]).save(tmp / "summary.pt")
+        plot(summary, data, tmp / "synthetic.png")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        out.mkdir(exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        for f in tmp.glob("*"):
+            f.unlink()
+        tmp.rmdir()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        metrics = run_distill(args)
+    except DDCoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    shown = {k: v for k, v in metrics.items() if k not in ("config", "versions")}
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

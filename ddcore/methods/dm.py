@@ -1,0 +1,67 @@
+"""Distribution matching (DM, Zhao & Bilen 2023): match class-mean embeddings of random nets."""
+
+from __future__ import annotations
+
+import torch
+
+from ddcore.augment import apply, sample_params
+from ddcore.config import DistillConfig
+from ddcore.data import Dataset
+from ddcore.methods import register_method
+from ddcore.methods.base import ClassIndex, make_summary, start
+from ddcore.models import ModelFactory
+from ddcore.summary import Summary
+from ddcore.train import Progress
+
+
+def embed_pair(
+    net: torch.nn.Module,
+    real: list[torch.Tensor],
+    syn: list[torch.Tensor],
+    strategy: str,
+    generator: torch.Generator,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Embed per-class real and synthetic batches under one shared (siamese) augmentation each.
+
+    Returns the real embeddings (no graph) and the synthetic ones (differentiable), per class.
+    """
+    params = [sample_params(strategy, 1, generator) for _ in real]
+    with torch.no_grad():
+        real_emb = net.embed(torch.cat([apply(r, p) for r, p in zip(real, params, strict=True)]))
+    syn_emb = net.embed(torch.cat([apply(s, p) for s, p in zip(syn, params, strict=True)]))
+    real_sizes = [r.shape[0] for r in real]
+    syn_sizes = [s.shape[0] for s in syn]
+    return list(real_emb.split(real_sizes)), list(syn_emb.split(syn_sizes))
+
+
+def dm_loss(real_emb: list[torch.Tensor], syn_emb: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over classes of the squared distance between mean embeddings."""
+    return sum(((r.mean(0) - s.mean(0)) ** 2).sum() for r, s in zip(real_emb, syn_emb, strict=True))
+
+
+@register_method("dm")
+def distill(
+    data: Dataset,
+    model_factory: ModelFactory,
+    cfg: DistillConfig,
+    init: Summary | None = None,
+    progress: Progress | None = None,
+) -> Summary:
+    """Optimise the synthetic images so every class's mean embedding matches the real one."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    index = ClassIndex(data.y, data.num_classes)
+    images, labels = start(data, cfg, init, generator)
+    classes = sorted(set(labels.tolist()))
+    opt = torch.optim.SGD([images], lr=cfg.lr_or(1.0), momentum=0.5)
+    for it in range(cfg.iterations):
+        net = model_factory(generator).train()
+        net.requires_grad_(False)  # only the images learn; skips parameter gradients
+        real = [data.x[index.sample(c, cfg.batch_real, generator)].to(cfg.device) for c in classes]
+        syn = [images[labels == c] for c in classes]
+        loss = dm_loss(*embed_pair(net, real, syn, cfg.dsa_strategy, generator))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(it + 1, cfg.iterations, {"loss": float(loss.detach())})
+    return make_summary(images, labels, data, cfg)

@@ -1,0 +1,173 @@
+"""Models: the distillation ConvNet, an MLP and LeNet, built from a seeded generator."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddcore.errors import ConfigError
+from ddcore.registry import Registry
+
+NORMS = ("instance", "group", "none", "batch")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which network to build and its size."""
+
+    name: str = "convnet"  # convnet | mlp | lenet
+    width: int = 64  # channels of each ConvNet block / hidden units of the MLP
+    depth: int = 3  # ConvNet blocks (each halves the resolution)
+    norm: str = "instance"  # instance | group | none | batch (batch is not DP-compatible)
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.depth < 1:
+            raise ConfigError(f"model width and depth must be >= 1, got {self.width}, {self.depth}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"unknown norm {self.norm!r}; known: {', '.join(NORMS)}")
+
+
+ModelBuilder = Callable[[ModelSpec, tuple[int, int, int], int], nn.Module]
+MODELS: Registry[ModelBuilder] = Registry("model")
+
+
+def _norm_layer(norm: str, channels: int) -> nn.Module:
+    if norm == "instance":  # instance norm with affine terms, as GroupNorm(C, C): faster on CPU
+        return nn.GroupNorm(channels, channels)
+    if norm == "group":
+        return nn.GroupNorm(min(4, channels), channels)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    return nn.Identity()
+
+
+class ConvNet(nn.Module):
+    """The ConvNet of the dataset-distillation literature: depth x [conv3x3, norm, ReLU, avgpool2]."""
+
+    def __init__(self, spec: ModelSpec, image_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        channels, height, width = image_shape
+        layers: list[nn.Module] = []
+        for _ in range(spec.depth):
+            layers += [
+                nn.Conv2d(channels, spec.width, kernel_size=3, padding=1),
+                _norm_layer(spec.norm, spec.width),
+                nn.ReLU(inplace=True),
+            ]
+            channels = spec.width
+            if height >= 2 and width >= 2:
+                layers.append(nn.AvgPool2d(2))
+                height, width = height // 2, width // 2
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels * height * width, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened features before the classifier: (n, C, H, W) -> (n, D)."""
+        return self.features(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class MLP(nn.Module):
+    """A two-hidden-layer perceptron on flattened pixels."""
+
+    def __init__(self, spec: ModelSpec, image_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        hidden = max(spec.width, 16) * 2
+        self.body = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(math.prod(image_shape), hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x))
+
+
+class LeNet(nn.Module):
+    """LeNet-5 style: two conv/pool stages and three fully connected layers."""
+
+    def __init__(self, spec: ModelSpec, image_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        channels, height, width = image_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 6, kernel_size=5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, kernel_size=5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * (height // 4) * (width // 4), 120),
+            nn.ReLU(inplace=True),
+            nn.Linear(120, 84),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Linear(84, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+MODELS.register("convnet")(ConvNet)
+MODELS.register("mlp")(MLP)
+MODELS.register("lenet")(LeNet)
+
+
+def reset_parameters(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Re-initialise every layer like PyTorch's defaults, drawing from ``generator`` only."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+        elif isinstance(module, nn.GroupNorm | nn.BatchNorm2d) and module.affine:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def build_model(
+    spec: ModelSpec,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    generator: torch.Generator,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Build the network ``spec`` names, initialised from ``generator``, on ``device``."""
+    model = MODELS.get(spec.name)(spec, image_shape, num_classes)
+    return reset_parameters(model, generator).to(device)
+
+
+ModelFactory = Callable[[torch.Generator], nn.Module]
+
+
+def model_factory(
+    spec: ModelSpec,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    device: str | torch.device = "cpu",
+) -> ModelFactory:
+    """Return ``generator -> fresh model``, the factory every method and trainer takes."""
+    MODELS.get(spec.name)  # fail early on an unknown name
+
+    def make(generator: torch.Generator) -> nn.Module:
+        return build_model(spec, image_shape, num_classes, generator, device)
+
+    return make

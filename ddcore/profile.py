@@ -1,0 +1,59 @@
+"""Wall time and peak memory of a block of work (RSS sampled on Linux; CUDA peak on GPU)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_mb() -> float:
+    """Resident set size of this process in MiB (0 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE / 2**20
+    except OSError:
+        return 0.0
+
+
+@dataclass
+class Measurement:
+    """Filled in when the ``measure()`` block ends."""
+
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0  # highest RSS seen while the block ran (sampled every 20 ms)
+    peak_cuda_mb: float = 0.0
+
+
+@contextmanager
+def measure(device: str = "cpu", interval: float = 0.02) -> Iterator[Measurement]:
+    """Time the block and sample the process RSS in a background thread."""
+    result = Measurement(peak_rss_mb=rss_mb())
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval):
+            result.peak_rss_mb = max(result.peak_rss_mb, rss_mb())
+
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    thread = threading.Thread(target=sample, daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result.seconds = time.perf_counter() - start
+        result.peak_rss_mb = max(result.peak_rss_mb, rss_mb())
+        if cuda:
+            result.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20

@@ -1,0 +1,169 @@
+"""The synthetic summary a client sends: images, labels, optional step sizes and metadata.
+
+In memory a summary is always float32 at full resolution. On the wire (``to_arrays``) it
+can be stored compactly - float16, or uint8 quantised between the summary's own min and
+max, optionally downsampled - and ``from_arrays`` expands it back. The bytes a transport
+counts are those of the arrays ``to_arrays`` returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ddcore.errors import SummaryError
+
+STORED_DTYPES = ("float32", "float16", "uint8")
+MetaValue = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A distilled (or sampled) set standing in for a client's private data.
+
+    Attributes
+    ----------
+    images : torch.Tensor
+        float32 (n, C, H, W), normalised like the dataset.
+    labels : torch.Tensor
+        int64 (n,) hard labels, or float32 (n, K) soft labels (rows are distributions).
+    lrs : torch.Tensor | None
+        Learned per-step learning rates to train on the summary with, or None.
+    meta : dict
+        method, ipc, dataset, client-id, epsilon/delta when DP, ... (flat, scalar values).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    lrs: torch.Tensor | None = None
+    meta: dict[str, MetaValue] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def soft(self) -> bool:
+        """True when the labels are (n, K) distributions."""
+        return self.labels.dim() == 2
+
+    def hard_labels(self) -> torch.Tensor:
+        """int64 (n,) labels (argmax of soft labels)."""
+        return self.labels.argmax(1) if self.soft else self.labels
+
+    def with_meta(self, **meta: MetaValue) -> Summary:
+        """Return a copy with ``meta`` entries added or replaced."""
+        return Summary(self.images, self.labels, self.lrs, {**self.meta, **meta})
+
+    def to_arrays(self, dtype: str = "float32", resolution: int | None = None) -> dict[str, np.ndarray]:
+        """Encode for sending: ``images`` in ``dtype`` (and ``resolution`` px), ``labels``, ...
+
+        uint8 stores ``round(255 * (x - lo) / (hi - lo))`` with ``image-range = [lo, hi]``.
+        """
+        if dtype not in STORED_DTYPES:
+            raise SummaryError(f"unknown summary dtype {dtype!r}; known: {', '.join(STORED_DTYPES)}")
+        images = self.images.detach().float().cpu()
+        if resolution is not None and resolution != images.shape[-1]:
+            if not 1 <= resolution <= images.shape[-1]:
+                raise SummaryError(f"summary resolution must be in [1, {images.shape[-1]}], got {resolution}")
+            images = F.interpolate(images, size=(resolution, resolution), mode="area")
+        arrays: dict[str, np.ndarray] = {}
+        if dtype == "uint8":
+            lo, hi = float(images.min()), float(images.max())
+            scale = (hi - lo) or 1.0
+            arrays["images"] = ((images - lo) / scale * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+            arrays["image-range"] = np.array([lo, hi], dtype=np.float32)
+        else:
+            arrays["images"] = images.numpy().astype(dtype)
+        labels = self.labels.detach().cpu()
+        arrays["labels"] = labels.float().numpy() if self.soft else labels.long().numpy()
+        if self.lrs is not None:
+            arrays["lrs"] = self.lrs.detach().float().cpu().numpy()
+        return arrays
+
+    def wire_meta(self, dtype: str = "float32", resolution: int | None = None) -> dict[str, MetaValue]:
+        """Metadata to send beside ``to_arrays(dtype, resolution)``."""
+        _, _, h, w = self.images.shape
+        return {**self.meta, "stored-dtype": dtype, "stored-resolution": resolution or w,
+                "height": h, "width": w}
+
+    @staticmethod
+    def from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, MetaValue]) -> Summary:
+        """Decode what ``to_arrays`` produced (expanding dtype and resolution)."""
+        for key in ("images", "labels"):
+            if key not in arrays:
+                raise SummaryError(f"summary lacks the {key!r} array")
+        raw = arrays["images"]
+        if raw.ndim != 4:
+            raise SummaryError(f"images must be 4-D (n, C, H, W), got shape {raw.shape}")
+        if raw.dtype == np.uint8:
+            rng = arrays.get("image-range")
+            if rng is None or rng.shape != (2,) or not np.isfinite(rng).all():
+                raise SummaryError("uint8 images need a finite 2-element 'image-range' array")
+            lo, hi = float(rng[0]), float(rng[1])
+            images = torch.from_numpy(raw.astype(np.float32)) / 255 * ((hi - lo) or 1.0) + lo
+        elif raw.dtype in (np.float16, np.float32):
+            images = torch.from_numpy(raw.astype(np.float32))
+        else:
+            raise SummaryError(f"images dtype must be float32, float16 or uint8, got {raw.dtype}")
+        height, width = int(meta.get("height", raw.shape[2])), int(meta.get("width", raw.shape[3]))
+        if images.shape[-2:] != (height, width) and images.shape[0] > 0:
+            images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+        labels_raw = arrays["labels"]
+        if labels_raw.dtype == np.int64 and labels_raw.ndim == 1:
+            labels = torch.from_numpy(labels_raw.copy())
+        elif labels_raw.dtype in (np.float32, np.float16) and labels_raw.ndim == 2:
+            labels = torch.from_numpy(labels_raw.astype(np.float32))
+        else:
+            raise SummaryError(
+                f"labels must be int64 (n,) or float (n, K); got {labels_raw.dtype} {labels_raw.shape}"
+            )
+        lrs = torch.from_numpy(arrays["lrs"].astype(np.float32)) if "lrs" in arrays else None
+        return Summary(images.contiguous(), labels, lrs, dict(meta))
+
+    def save(self, path: str | Path) -> None:
+        """Write the summary (float32) to ``.pt`` or ``.npz``, metadata included."""
+        path = Path(path)
+        arrays = self.to_arrays()
+        if path.suffix == ".npz":
+            meta = np.array([repr(sorted(self.wire_meta().items()))])
+            np.savez_compressed(path, **arrays, meta=meta)
+        elif path.suffix == ".pt":
+            tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+            torch.save({"arrays": tensors, "meta": self.wire_meta()}, path)
+        else:
+            raise SummaryError(f"summary files end in .pt or .npz, got {path.name}")
+
+    @staticmethod
+    def load(path: str | Path) -> Summary:
+        """Read a summary written by :meth:`save`."""
+        path = Path(path)
+        if path.suffix == ".npz":
+            import ast
+
+            with np.load(path, allow_pickle=False) as f:
+                files = dict(f)
+            meta = dict(ast.literal_eval(str(files.pop("meta")[0])))
+            return Summary.from_arrays(files, meta)
+        if path.suffix == ".pt":
+            blob = torch.load(path, weights_only=True)  # tensors and scalars only: no pickle code
+            arrays = {k: v.numpy() for k, v in blob["arrays"].items()}
+            return Summary.from_arrays(arrays, blob["meta"])
+        raise SummaryError(f"summary files end in .pt or .npz, got {path.name}")
+
+
+def concat(summaries: list[Summary], num_classes: int) -> Summary:
+    """Pool summaries into one; hard and soft labels mix by promoting hard ones to one-hot."""
+    if not summaries:
+        raise SummaryError("cannot pool an empty list of summaries")
+    images = torch.cat([s.images for s in summaries])
+    if any(s.soft for s in summaries):
+        labels = torch.cat(
+            [s.labels if s.soft else F.one_hot(s.labels, num_classes).float() for s in summaries]
+        )
+    else:
+        labels = torch.cat([s.labels for s in summaries])
+    return Summary(images, labels, None, {"pooled-from": len(summaries)})

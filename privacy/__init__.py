@@ -1,0 +1,1 @@
+"""Differential privacy, leakage attacks and key material (built on ddcore)."""

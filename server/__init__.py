@@ -1,0 +1,1 @@
+"""Flower ServerApp and strategies: collect, validate and pool summaries; the FedAvg baseline."""

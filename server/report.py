@@ -1,0 +1,106 @@
+"""Write an experiment's report.json, report.md and PNG plots into its output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+
+def environment(device: str) -> dict:
+    """Versions, device and threads, recorded with every report."""
+    versions = {}
+    for pkg in ("torch", "torchvision", "flwr", "flwr-datasets", "opacus", "numpy"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, so no reader sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def markdown(report: dict) -> str:
+    """The comparison table (and the verdict) as Markdown."""
+    rows = ["| system | final acc (%) | best acc (%) | rounds | up (MiB) | down (MiB) | wall (s) |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m in report["methods"].items():
+        rows.append(f"| {name} | {_pct(m['final_accuracy'])} | {_pct(m['best_accuracy'])} | {m['rounds']} "
+                    f"| {_mb(m['bytes_up'])} | {_mb(m['bytes_down'])} | {m['wall_seconds']:.1f} |")
+    lines = [f"# {report.get('title', 'feddistill report')}", "", *rows, ""]
+    lines += [f"- {v}" for v in report.get("verdicts", [])]
+    lines += ["", "Bytes: Flower's `count_bytes()` of every record in every message "
+              "(arrays as .npy buffers, plus config and metric entries), both directions, all clients."]
+    rejected = [(name, c) for name, m in report["methods"].items() for c in m["clients"]
+                if c["status"] in ("rejected", "failed")]
+    if rejected:
+        lines += ["", "## Rejected or failed clients", ""]
+        lines += [f"- {name}, round {c['round']}, node {c['node_id']}: {c['status']} ({c['reason']})"
+                  for name, c in rejected]
+    return "\n".join(lines) + "\n"
+
+
+def plot_history(report: dict, out: Path) -> None:
+    """accuracy_vs_round.png and accuracy_vs_bytes.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, fname, xlabel in (("round", "accuracy_vs_round.png", "round"),
+                               ("bytes_up_cum", "accuracy_vs_bytes.png", "cumulative uploaded MiB")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, m in report["methods"].items():
+            hist = m["history"]
+            if not hist:
+                continue
+            xs = [h[key] / (2**20 if key != "round" else 1) for h in hist]
+            ax.plot(xs, [100 * h["accuracy"] for h in hist], marker="o", markersize=3, label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        if key != "round":
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+
+
+def write_report(out: Path, report: dict) -> None:
+    """report.json, report.md and the history plots, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "report.json", json.dumps(report, indent=2, default=str).encode())
+    atomic_write(out / "report.md", markdown(report).encode())
+    plot_history(report, out)

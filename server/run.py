@@ -1,0 +1,75 @@
+"""Run one system (federated distillation or FedAvg) on a Grid and collect its results."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from ddcore.data import Dataset
+from ddcore.models import build_model
+from ddcore.runconfig import RunConfig, to_flat
+from ddcore.summary import Summary
+from server.ledger import Ledger
+from server.strategy import CountingFedAvg, DistillStrategy, evaluate_fn
+from server.validation import SummaryLimits
+
+
+@dataclass
+class SystemResult:
+    """What one system achieved: accuracy per round, bytes, clients, wall time."""
+
+    name: str
+    ledger: Ledger
+    wall_seconds: float
+    rounds: int
+    pooled: Summary | None = None  # the distillation systems' final pool
+
+    def to_dict(self) -> dict:
+        accuracies = [h["accuracy"] for h in self.ledger.history]
+        return {
+            "final_accuracy": accuracies[-1] if accuracies else None,
+            "best_accuracy": max(accuracies) if accuracies else None,
+            "rounds": self.rounds,
+            "bytes_up": self.ledger.bytes_up(),
+            "bytes_down": self.ledger.bytes_down(),
+            "wall_seconds": self.wall_seconds,
+            "pooled_images": len(self.pooled) if self.pooled is not None else None,
+            "history": self.ledger.history,
+            "clients": self.ledger.clients(),
+            "round_notes": {str(k): v for k, v in self.ledger.round_notes.items()},
+        }
+
+
+def round_config(cfg: RunConfig, num_classes: int) -> ConfigRecord:
+    """The ConfigRecord every client request carries: the flat run-config plus the class count."""
+    return ConfigRecord({**to_flat(cfg), "num-classes": num_classes})
+
+
+def run_distillation(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "distill") -> SystemResult:
+    """Federated distillation with ``cfg.distill.method`` for ``cfg.rounds`` rounds."""
+    ledger = Ledger()
+    limits = SummaryLimits.for_data(test.image_shape, test.num_classes, cfg.max_images, test.pixel_bounds())
+    strategy = DistillStrategy(cfg, limits, ledger)
+    start = time.perf_counter()
+    strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
+                   train_config=round_config(cfg, test.num_classes),
+                   evaluate_fn=evaluate_fn(cfg, test, ledger))
+    pooled = strategy.pooled() if strategy.pool else None
+    return SystemResult(name, ledger, time.perf_counter() - start, cfg.rounds, pooled)
+
+
+def run_fedavg(grid: Grid, cfg: RunConfig, test: Dataset) -> SystemResult:
+    """Flower's FedAvg with the same model, partitions and evaluation."""
+    ledger = Ledger()
+    model = build_model(cfg.distill.model, test.image_shape, test.num_classes,
+                        torch.Generator().manual_seed(cfg.partition.seed), "cpu")
+    strategy = CountingFedAvg(cfg, ledger)
+    start = time.perf_counter()
+    strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg.fedavg_rounds,
+                   timeout=cfg.round_timeout, train_config=round_config(cfg, test.num_classes),
+                   evaluate_fn=evaluate_fn(cfg, test, ledger))
+    return SystemResult("fedavg", ledger, time.perf_counter() - start, cfg.fedavg_rounds)

@@ -1,0 +1,199 @@
+"""Strategies: federated distillation (collect, validate, pool, train) and a counting FedAvg."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from client import protocol
+from ddcore.data import Dataset
+from ddcore.errors import SummaryError
+from ddcore.models import build_model
+from ddcore.runconfig import RunConfig
+from ddcore.summary import Summary, concat
+from ddcore.train import train_model
+from server.ledger import Ledger
+from server.validation import SummaryLimits, validate
+
+
+def sample_clients(grid: Grid, cfg: RunConfig, server_round: int) -> list[int]:
+    """A seeded sample of ``cfg.fraction`` of the federation's ``num-clients`` nodes.
+
+    Waits (up to ``round-timeout``) until ``num-clients`` nodes are connected; after that,
+    it proceeds with the nodes present if there are at least ``min-clients``.
+    """
+    expected = cfg.partition.num_partitions
+    deadline = time.monotonic() + cfg.round_timeout
+    while len(nodes := sorted(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        log(INFO, "waiting for nodes: %d of %d connected", len(nodes), expected)
+        time.sleep(1.0)
+    size = min(len(nodes), max(math.ceil(len(nodes) * cfg.fraction), cfg.min_clients))
+    return sorted(random.Random(cfg.partition.seed * 7919 + server_round).sample(nodes, size))
+
+
+class DistillStrategy(Strategy):
+    """Clients send summaries; the server validates and pools them and trains the global model.
+
+    Round 1 sends only the configuration (one-shot distillation from scratch). Later rounds
+    (``cfg.rounds > 1``) also send the global weights: clients refine their previous summary
+    against models sampled around them (FedDM-style), and each client's newest accepted
+    summary replaces its previous one in the pool.
+    """
+
+    def __init__(self, cfg: RunConfig, limits: SummaryLimits, ledger: Ledger) -> None:
+        self.cfg = cfg
+        self.limits = limits
+        self.ledger = ledger
+        self.pool: dict[int, Summary] = {}  # node id -> newest accepted summary
+
+    def summary(self) -> None:
+        log(INFO, "\t├── method %s, ipc %d, rounds %d", self.cfg.distill.method,
+            self.cfg.distill.ipc, self.cfg.rounds)
+        log(INFO, "\t└── summaries on the wire as %s", self.cfg.summary_dtype)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Ask the sampled clients for a summary (with the global weights after round 1)."""
+        nodes = sample_clients(grid, self.cfg, server_round)
+        config = ConfigRecord({**config, "server-round": server_round})
+        records: dict = {protocol.CONFIG: config}
+        if server_round > 1 and len(arrays) > 0:
+            records[protocol.ARRAYS] = arrays
+        messages = []
+        for node in nodes:
+            content = RecordDict(records)
+            self.ledger.sent(server_round, node, protocol.content_bytes(content))
+            messages.append(Message(content=content, message_type=protocol.DISTILL, dst_node_id=node))
+        log(INFO, "configure_train: asked %d clients for summaries", len(nodes))
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply, pool the accepted summaries and train the global model on them."""
+        accepted = 0
+        for reply in replies:
+            entry = self.ledger.find(server_round, reply.metadata.src_node_id)
+            if reply.has_error():
+                entry.status, entry.reason = "failed", f"client error: {reply.error.reason}"
+                log(WARNING, "client node %d failed: %s", entry.node_id, reply.error.reason)
+                continue
+            entry.bytes_up = protocol.content_bytes(reply.content)
+            entry.array_bytes_up = protocol.array_bytes(reply.content)
+            try:
+                summary = self._check(reply.content)
+            except SummaryError as exc:
+                entry.status, entry.reason = "rejected", str(exc)
+                log(WARNING, "rejected summary of node %d: %s", entry.node_id, exc)
+                continue
+            metrics = reply.content[protocol.METRICS]
+            entry.client_id = int(metrics.get("client-id", -1))
+            entry.examples = int(metrics.get("num-examples", 0))
+            entry.seconds = float(metrics.get("distill-seconds", 0.0))
+            entry.peak_mb = float(metrics.get("peak-rss-mb", 0.0))
+            entry.images, entry.status = len(summary), "accepted"
+            self.pool[entry.node_id] = summary
+            accepted += 1
+        for entry in self.ledger.entries:
+            if entry.round == server_round and entry.status == "sent":
+                entry.status, entry.reason = "failed", "no reply (dropped out or timed out)"
+        if accepted < self.cfg.min_clients:
+            note = (f"round {server_round} failed: {accepted} usable summaries, "
+                    f"fewer than min-clients={self.cfg.min_clients}; previous results kept")
+            self.ledger.round_notes[server_round] = note
+            log(WARNING, note)
+            return None, None
+        pooled = self.pooled()
+        model = self.train_global(pooled, seed=self.cfg.partition.seed * 1009 + server_round)
+        log(INFO, "aggregate_train: %d summaries accepted, %d pooled images", accepted, len(pooled))
+        metrics = MetricRecord({"pooled-images": len(pooled), "accepted": accepted})
+        return ArrayRecord(model.state_dict()), metrics
+
+    def _check(self, content: RecordDict) -> Summary:
+        for key in (protocol.SUMMARY, protocol.META, protocol.METRICS):
+            if key not in content:
+                raise SummaryError(f"reply lacks the {key!r} record")
+        arrays = protocol.content_arrays(content[protocol.SUMMARY])
+        return validate(arrays, dict(content[protocol.META]), self.limits)
+
+    def pooled(self) -> Summary:
+        """All accepted summaries pooled into one training set."""
+        return concat([self.pool[k] for k in sorted(self.pool)], self.limits.num_classes)
+
+    def train_global(self, pooled: Summary, seed: int) -> torch.nn.Module:
+        """Train a fresh global model on the pooled summaries."""
+        generator = torch.Generator().manual_seed(seed)
+        model = build_model(self.cfg.distill.model, self.limits.image_shape, self.limits.num_classes,
+                            generator, self.cfg.distill.device)
+        return train_model(model, pooled.images, pooled.labels, self.cfg.train, generator)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # evaluation is centralised, on the server's test split
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+
+class CountingFedAvg(FedAvg):
+    """Flower's FedAvg, unchanged except that it records the bytes of every message and reply."""
+
+    def __init__(self, cfg: RunConfig, ledger: Ledger) -> None:
+        super().__init__(fraction_train=cfg.fraction, fraction_evaluate=0.0,
+                         min_train_nodes=cfg.min_clients,
+                         min_available_nodes=max(cfg.min_clients, cfg.partition.num_partitions))
+        self.ledger = ledger
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for message in messages:
+            self.ledger.sent(server_round, message.metadata.dst_node_id,
+                             protocol.content_bytes(message.content))
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for reply in replies:
+            entry = self.ledger.find(server_round, reply.metadata.src_node_id)
+            if reply.has_error():
+                entry.status, entry.reason = "failed", f"client error: {reply.error.reason}"
+                continue
+            entry.bytes_up = protocol.content_bytes(reply.content)
+            entry.array_bytes_up = protocol.array_bytes(reply.content)
+            metrics = reply.content.get(protocol.METRICS, {})
+            entry.client_id = int(metrics.get("client-id", -1))
+            entry.examples = int(metrics.get("num-examples", 0))
+            entry.seconds = float(metrics.get("train-seconds", 0.0))
+            entry.peak_mb = float(metrics.get("peak-rss-mb", 0.0))
+            entry.status = "accepted"
+        for entry in self.ledger.entries:
+            if entry.round == server_round and entry.status == "sent":
+                entry.status, entry.reason = "failed", "no reply (dropped out or timed out)"
+        return super().aggregate_train(server_round, replies)
+
+
+def evaluate_fn(cfg: RunConfig, test: Dataset, ledger: Ledger):
+    """Centralised evaluation on the server's test split, recorded in ``ledger``."""
+    from ddcore.train import evaluate
+
+    def fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 or len(arrays) == 0:
+            return None
+        model = build_model(cfg.distill.model, test.image_shape, test.num_classes,
+                            torch.Generator().manual_seed(0), cfg.distill.device)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        result = evaluate(model, test)
+        ledger.record_accuracy(server_round, result["accuracy"], result["loss"])
+        return MetricRecord(result)
+
+    return fn

@@ -1,0 +1,1 @@
+"""Experiment drivers: compare vs FedAvg, privacy-utility sweeps, benchmarks."""

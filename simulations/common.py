@@ -1,0 +1,108 @@
+"""Shared pieces of the experiment drivers: flags, up-front checks, the Flower simulation."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from logging import INFO
+
+import numpy as np
+import torch
+
+from ddcore.data import DataSplits, load_dataset
+from ddcore.errors import ConfigError
+from ddcore.partition import partition_indices
+from ddcore.runconfig import RUN_PRESETS, RunConfig, from_flat, run_preset, to_flat
+
+# flag -> flat run-config key
+FLAGS = {
+    "dataset": "dataset", "data-dir": "data-dir", "clients": "num-clients", "partition": "partition",
+    "alpha": "alpha", "classes-per-client": "classes-per-client", "method": "method", "ipc": "ipc",
+    "iterations": "iterations", "rounds": "rounds", "fedavg-rounds": "fedavg-rounds", "seed": "seed",
+    "device": "device", "summary-dtype": "summary-dtype", "summary-resolution": "summary-resolution",
+}
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """--preset, the common overrides, and --set for any other run-config key."""
+    parser.add_argument("--preset", default="default", choices=sorted(RUN_PRESETS))
+    for flag in FLAGS:
+        parser.add_argument(f"--{flag}", default=None, help=f"overrides run-config '{FLAGS[flag]}'")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="any other run-config key, e.g. --set train-epochs=100 model-width=32")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The preset with the flags applied; also stores ``args.flat`` and ``args.environment``."""
+    overrides = {FLAGS[f]: getattr(args, f.replace("-", "_")) for f in FLAGS
+                 if getattr(args, f.replace("-", "_")) is not None}
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = value
+    cfg = from_flat(overrides, base=run_preset(args.preset))
+    if cfg.distill.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    from server.report import environment
+
+    args.flat = {"preset": args.preset, **to_flat(cfg)}
+    args.environment = environment(cfg.distill.device)
+    return cfg
+
+
+def check_partitions(cfg: RunConfig) -> DataSplits:
+    """Load the data and partition it now, so bad settings fail before anything runs."""
+    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed)
+    labels = splits.train.y.numpy()
+    parts = partition_indices(labels, cfg.partition)
+    for pid, part in enumerate(parts):
+        counts = np.bincount(labels[part], minlength=splits.train.num_classes)
+        if len(part) == 0:
+            raise ConfigError(f"client {pid} received no examples; use fewer clients or a larger alpha")
+        if cfg.distill.ipc > counts.max():
+            raise ConfigError(
+                f"ipc {cfg.distill.ipc} is larger than every class of client {pid} "
+                f"(largest class: {counts.max()} examples); use --ipc <= {counts.max()}"
+            )
+    return splits
+
+
+def fail(exc: BaseException) -> int:
+    """Print a one-line error and return exit code 2."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def run_in_simulation(cfg: RunConfig, test, systems: list[tuple[str, RunConfig]], fedavg: bool) -> dict:
+    """Run the distillation ``systems`` (and FedAvg) one after another in one simulation."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from flwr.app import Context
+    from flwr.common import log
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.run import run_distillation, run_fedavg
+
+    results: dict = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        for name, system_cfg in systems:
+            log(INFO, "=== %s: %s, ipc %d ===", name, system_cfg.distill.method, system_cfg.distill.ipc)
+            results[name] = run_distillation(grid, system_cfg, test, name=name)
+        if fedavg:
+            log(INFO, "=== fedavg: %d rounds ===", cfg.fedavg_rounds)
+            results["fedavg"] = run_fedavg(grid, cfg, test)
+
+    gpus = 1.0 / 2 if cfg.distill.device.startswith("cuda") else 0.0
+    run_simulation(server_app=server_app, client_app=client_app,
+                   num_supernodes=cfg.partition.num_partitions,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus}})
+    missing = [name for name, _ in systems if name not in results]
+    if missing:
+        raise RuntimeError(f"the simulation ended without results for {missing}; see the log above")
+    return results
