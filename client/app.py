@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import protocol
 from client.task import client_id, distill_local, fedavg_local, local_data
+from ddcore.data import Dataset
 from ddcore.runconfig import RunConfig, from_flat
 from ddcore.summary import Summary
 
 app = ClientApp()
 
 _PREVIOUS = "previous-summary"  # node state: this client's last summary (iterative rounds)
+_DATA, _DATA_META = "local-data", "local-data-meta"  # node state: this node's data, loaded once
+
+
+def _local_data(cfg: RunConfig, context: Context) -> Dataset:
+    """This node's data, kept in the node's ``context.state`` after the first message.
+
+    Loading and partitioning take seconds; FedAvg sends a message per round, so the node
+    keeps its partition (keyed by the settings that define it) instead of redoing that work.
+    """
+    key = repr((cfg.dataset, cfg.data_dir, cfg.partition, sorted(context.node_config.items())))
+    if _DATA in context.state and context.state[_DATA_META].get("key") == key:
+        arrays, meta = context.state[_DATA], context.state[_DATA_META]
+        x, y = (torch.from_numpy(arrays[k].numpy()) for k in ("x", "y"))
+        return Dataset(x, y, int(meta["num-classes"]),
+                       tuple(meta["mean"]), tuple(meta["std"]), str(meta["name"]))
+    data = local_data(cfg, context.node_config)
+    context.state[_DATA] = ArrayRecord({"x": Array(data.x.numpy()), "y": Array(data.y.numpy())})
+    context.state[_DATA_META] = ConfigRecord({"key": key, "num-classes": data.num_classes,
+                                              "mean": list(data.mean), "std": list(data.std),
+                                              "name": data.name})
+    return data
 
 
 def _read_config(message: Message) -> tuple[RunConfig, int, int]:
@@ -28,7 +51,7 @@ def distill_summary(message: Message, context: Context) -> Message:
     """Distill this node's data and reply with the (compactly encoded) summary."""
     cfg, num_classes, server_round = _read_config(message)
     cid = client_id(context.node_config)
-    data = local_data(cfg, context.node_config)
+    data = _local_data(cfg, context)
     global_state, previous = None, None
     if protocol.ARRAYS in message.content:  # iterative round: refine around the global model
         global_state = message.content[protocol.ARRAYS].to_torch_state_dict()
@@ -57,7 +80,7 @@ def fedavg_update(message: Message, context: Context) -> Message:
     """One FedAvg round: train the received global model on local data, return the weights."""
     cfg, num_classes, server_round = _read_config(message)
     cid = client_id(context.node_config)
-    data = local_data(cfg, context.node_config)
+    data = _local_data(cfg, context)
     state = message.content[protocol.ARRAYS].to_torch_state_dict()
     seed = cfg.distill.seed * 100_003 + cid * 101 + server_round
     new_state, loss, m = fedavg_local(data, cfg, num_classes, state, seed)

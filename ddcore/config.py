@@ -15,13 +15,13 @@ INITS = ("real", "noise")
 class TrainConfig:
     """How a fresh model is trained on a summary (or on real data)."""
 
-    epochs: int = 300  # passes over the training set
+    epochs: int = 100  # passes over the training set
     lr: float = 0.01  # SGD learning rate
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 256
     dsa_strategy: str = DEFAULT_STRATEGY  # per-image augmentation while training; "none" disables
-    min_steps: int = 0  # train at least this many SGD steps (small summaries would get too few)
+    min_steps: int = 400  # train at least this many SGD steps (small summaries would get too few)
     lr_decay: bool = True  # divide the learning rate by 10 for the second half of the steps
 
     def __post_init__(self) -> None:
@@ -39,14 +39,14 @@ class DistillConfig:
 
     method: str = "dm"
     ipc: int = 10  # synthetic images per class
-    iterations: int = 200  # outer optimisation steps on the synthetic images
+    iterations: int = 200  # updates of the synthetic images
     lr_images: float | None = None  # step size on the images; None = the method's own default
-    batch_real: int = 256  # real images per class per iteration
+    batch_real: int = 128  # real images per class per iteration
     init: str = "real"  # start from random real images or from Gaussian noise
     dsa_strategy: str = DEFAULT_STRATEGY  # siamese augmentation while matching
     model: ModelSpec = field(default_factory=ModelSpec)
     # gradient matching (DC/DSA)
-    outer_loop: int = 10  # matching steps per network initialisation
+    outer_loop: int = 10  # image updates per network initialisation
     inner_loop: int = 1  # network updates on the synthetic set between matching steps
     lr_net: float = 0.01
     seed: int = 0

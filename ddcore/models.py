@@ -20,7 +20,7 @@ class ModelSpec:
     """Which network to build and its size."""
 
     name: str = "convnet"  # convnet | mlp | lenet
-    width: int = 64  # channels of each ConvNet block / hidden units of the MLP
+    width: int = 32  # channels of each ConvNet block / hidden units of the MLP
     depth: int = 3  # ConvNet blocks (each halves the resolution)
     norm: str = "instance"  # instance | group | none | batch (batch is not DP-compatible)
 

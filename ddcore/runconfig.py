@@ -32,7 +32,7 @@ class RunConfig:
     perturb: float = 0.01  # iterative rounds: relative radius of the models sampled around the global one
     fedavg_rounds: int = 30
     local_epochs: int = 1  # FedAvg local epochs per round
-    local_lr: float = 0.05  # FedAvg local SGD learning rate (constant)
+    local_lr: float = 0.01  # FedAvg local SGD learning rate (constant; momentum as train)
     local_batch_size: int = 32  # FedAvg local mini-batch
     fraction: float = 1.0  # fraction of clients sampled per round
     min_clients: int = 2  # a round with fewer usable replies fails
@@ -178,7 +178,7 @@ RUN_PRESETS: dict[str, RunConfig] = {
     # GPU-scale: ConvNet-128 and long optimisation, as in the papers
     "paper": RunConfig(
         distill=DistillConfig(iterations=20000, model=ModelSpec(width=128)),
-        train=TrainConfig(epochs=1000),
+        train=TrainConfig(epochs=1000, min_steps=0),
         fedavg_rounds=200,
     ),
 }

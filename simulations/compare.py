@@ -9,6 +9,7 @@ virtual SuperNode per client) and writes report.json, report.md and plots into -
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -30,16 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def verdicts(methods: dict, ipc: int) -> list[str]:
+def verdicts(methods: dict, ipc: int, test_size: int) -> list[str]:
     """Plain-language comparisons that the numbers support."""
     d, r, f = methods["distill"], methods["random_real"], methods.get("fedavg")
     out = []
     if d["final_accuracy"] is not None and r["final_accuracy"] is not None:
         gap = 100 * (d["final_accuracy"] - r["final_accuracy"])
-        word = "beat" if gap > 0 else "did NOT beat"
+        p = (d["final_accuracy"] + r["final_accuracy"]) / 2
+        noise = 100 * 2 * math.sqrt(2 * p * (1 - p) / max(test_size, 1))  # ~95% band of a difference
+        if abs(gap) <= noise:
+            word = "was on par with (within test-set noise of)"
+        else:
+            word = "beat" if gap > 0 else "did NOT beat"
         out.append(f"Distillation {word} random real samples at IPC {ipc}: "
                    f"{100 * d['final_accuracy']:.2f}% vs {100 * r['final_accuracy']:.2f}% "
-                   f"({gap:+.2f} points).")
+                   f"({gap:+.2f} points; noise band +-{noise:.2f} on {test_size} test images).")
     if f and f["final_accuracy"] is not None and d["final_accuracy"] is not None:
         ratio = f["bytes_up"] / max(d["bytes_up"], 1)
         out.append(f"FedAvg after {f['rounds']} rounds: {100 * f['final_accuracy']:.2f}% using "
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": args.flat,
         "environment": args.environment,
         "methods": methods,
-        "verdicts": verdicts(methods, cfg.distill.ipc),
+        "verdicts": verdicts(methods, cfg.distill.ipc, len(splits.test)),
     }
     from ddcore.plots import plot_summary
     from server.report import write_report

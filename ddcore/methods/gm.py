@@ -62,33 +62,35 @@ def distill(
     init: Summary | None = None,
     progress: Progress | None = None,
 ) -> Summary:
-    """Match per-class training gradients of real and synthetic data along network training."""
+    """Match per-class training gradients of real and synthetic data along network training.
+
+    ``cfg.iterations`` counts updates of the synthetic images (as for every method): a fresh
+    network is drawn every ``cfg.outer_loop`` updates and, between updates, trained for
+    ``cfg.inner_loop`` steps on the synthetic set.
+    """
     generator = torch.Generator().manual_seed(cfg.seed)
     index = ClassIndex(data.y, data.num_classes)
     images, labels = start(data, cfg, init, generator)
     classes = sorted(set(labels.tolist()))
     opt_img = torch.optim.SGD([images], lr=cfg.lr_or(0.1), momentum=0.5)
+    net, opt_net = None, None
     for it in range(cfg.iterations):
-        net = model_factory(generator).train()
-        opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net, momentum=0.5)
-        loss_sum = 0.0
-        for ol in range(cfg.outer_loop):
-            real = [data.x[index.sample(c, cfg.batch_real, generator)].to(cfg.device) for c in classes]
-            syn = [images[labels == c] for c in classes]
-            loss = gm_loss(net, real, syn, classes, cfg.dsa_strategy, generator)
-            opt_img.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_img.step()
-            loss_sum += float(loss.detach())
-            if ol == cfg.outer_loop - 1:
-                break
-            x_syn, y_syn = images.detach(), labels
-            for _ in range(cfg.inner_loop):  # move the network along its training trajectory
-                out = net(augment(x_syn, cfg.dsa_strategy, generator))
-                net_loss = F.cross_entropy(out, y_syn)
+        if it % cfg.outer_loop == 0:
+            net = model_factory(generator).train()
+            opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net, momentum=0.5)
+        real = [data.x[index.sample(c, cfg.batch_real, generator)].to(cfg.device) for c in classes]
+        syn = [images[labels == c] for c in classes]
+        loss = gm_loss(net, real, syn, classes, cfg.dsa_strategy, generator)
+        opt_img.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_img.step()
+        if (it + 1) % cfg.outer_loop != 0:  # move the network along its training trajectory
+            x_syn = images.detach()
+            for _ in range(cfg.inner_loop):
+                net_loss = F.cross_entropy(net(augment(x_syn, cfg.dsa_strategy, generator)), labels)
                 opt_net.zero_grad(set_to_none=True)
                 net_loss.backward()
                 opt_net.step()
         if progress is not None:
-            progress(it + 1, cfg.iterations, {"loss": loss_sum / cfg.outer_loop})
+            progress(it + 1, cfg.iterations, {"loss": float(loss.detach())})
     return make_summary(images, labels, data, cfg)

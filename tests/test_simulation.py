@@ -1,0 +1,47 @@
+"""A real Flower simulation (Ray backend): 3 clients, 1 round, distillation and FedAvg."""
+
+from __future__ import annotations
+
+import pytest
+
+from ddcore.runconfig import from_flat, run_preset
+from simulations.common import check_partitions, run_in_simulation
+from simulations.compare import main as compare_main
+
+
+@pytest.mark.slow
+def test_three_client_round_counts_the_bytes_actually_sent(tmp_path) -> None:
+    cfg = from_flat({"dataset": "digits", "num-clients": 3, "ipc": 2, "fedavg-rounds": 1, "min-clients": 3},
+                    base=run_preset("quick"))
+    splits = check_partitions(cfg)
+    results = run_in_simulation(cfg, splits.test, [("distill", cfg)], fedavg=True)
+
+    distill = results["distill"]
+    entries = distill.ledger.entries
+    assert sorted(e.client_id for e in entries) == [0, 1, 2]
+    assert all(e.status == "accepted" for e in entries)
+    c, h, w = splits.test.image_shape
+    for e in entries:
+        # float32 images plus int64 labels: exactly the summary's array bytes
+        assert e.array_bytes_up == e.images * (c * h * w * 4 + 8)
+        assert e.bytes_up > e.array_bytes_up  # plus .npy headers, metadata and metrics
+        assert e.bytes_down > 0 and e.seconds > 0 and e.peak_mb > 0
+    assert len(distill.pooled) == sum(e.images for e in entries)
+    assert len(distill.ledger.history) == 1 and 0.0 <= distill.ledger.history[0]["accuracy"] <= 1.0
+    assert distill.ledger.history[0]["bytes_up_cum"] == sum(e.bytes_up for e in entries)
+
+    fedavg = results["fedavg"].ledger
+    model_bytes = fedavg.entries[0].array_bytes_up
+    assert model_bytes > 0 and all(e.array_bytes_up == model_bytes for e in fedavg.entries)
+    assert len(fedavg.history) == 1
+
+
+def test_compare_refuses_bad_input_before_running(tmp_path, capsys) -> None:
+    out = tmp_path / "cmp"
+    code = compare_main(["--preset", "quick", "--dataset", "digits", "--clients", "3", "--ipc", "500",
+                         "--out", str(out)])
+    assert code == 2 and "ipc 500 is larger than every class" in capsys.readouterr().err
+    assert not out.exists()
+    code = compare_main(["--preset", "quick", "--partition", "zipf", "--out", str(out)])
+    assert code == 2 and "unknown partition 'zipf'" in capsys.readouterr().err
+    assert not out.exists()
