@@ -7,8 +7,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import protocol
-from client.task import client_id, distill_local, fedavg_local, local_data
+from client.task import client_id, distill_local, dp_fedavg_local, fedavg_local, local_data
 from ddcore.data import Dataset
+from ddcore.profile import Measurement
 from ddcore.runconfig import RunConfig, from_flat
 from ddcore.summary import Summary
 
@@ -16,6 +17,7 @@ app = ClientApp()
 
 _PREVIOUS = "previous-summary"  # node state: this client's last summary (iterative rounds)
 _DATA, _DATA_META = "local-data", "local-data-meta"  # node state: this node's data, loaded once
+_ACCOUNTANT = "dp-accountant"  # node state: DP-FedAvg accountant, spanning every round of the run
 
 
 def _local_data(cfg: RunConfig, context: Context) -> Dataset:
@@ -70,9 +72,34 @@ def distill_summary(message: Message, context: Context) -> Message:
         "peak-rss-mb": m.peak_rss_mb,
         "images": len(summary),
     }
+    if summary.meta.get("dp"):  # the privacy this summary spent (from the accountant)
+        metrics.update({k: summary.meta[k] for k in ("epsilon", "delta", "noise-multiplier",
+                                                     "sample-rate", "steps")})
     resolution = cfg.summary_resolution or None
     content = protocol.summary_content(summary, cfg.summary_dtype, resolution, metrics)
     return Message(content=content, reply_to=message)
+
+
+def dp_fedavg_round(data: Dataset, cfg: RunConfig, num_classes: int, state: dict[str, torch.Tensor],
+                    seed: int, context: Context) -> tuple[dict[str, torch.Tensor], float, Measurement, dict]:
+    """One DP-FedAvg round whose accountant lives in ``context.state`` across the whole run.
+
+    The state is keyed by the settings that define the budget; the reply's metrics carry the
+    epsilon spent so far (every local step of every round), not one round's.
+    """
+    from privacy.accounting import Accountant  # Opacus loads only for DP runs
+
+    accountant = Accountant()
+    key = repr((cfg.partition, cfg.distill.dp, cfg.fedavg_rounds, cfg.local_epochs, cfg.local_batch_size,
+                sorted(context.node_config.items())))
+    if _ACCOUNTANT in context.state and context.state[_ACCOUNTANT].get("key") == key:
+        accountant.load_state_dict(dict(context.state[_ACCOUNTANT]))
+    new_state, loss, m, plan = dp_fedavg_local(data, cfg, num_classes, state, seed, accountant)
+    context.state[_ACCOUNTANT] = ConfigRecord({**accountant.state_dict(), "key": key})
+    metrics = {"epsilon": accountant.epsilon(plan.delta), "delta": plan.delta,
+               "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
+               "steps": accountant.steps, "max-grad-norm": plan.max_grad_norm}
+    return new_state, loss, m, metrics
 
 
 @app.train()
@@ -83,13 +110,17 @@ def fedavg_update(message: Message, context: Context) -> Message:
     data = _local_data(cfg, context)
     state = message.content[protocol.ARRAYS].to_torch_state_dict()
     seed = cfg.distill.seed * 100_003 + cid * 101 + server_round
-    new_state, loss, m = fedavg_local(data, cfg, num_classes, state, seed)
+    metrics: dict[str, int | float] = {}
+    if cfg.distill.dp.enabled:
+        new_state, loss, m, metrics = dp_fedavg_round(data, cfg, num_classes, state, seed, context)
+    else:
+        new_state, loss, m = fedavg_local(data, cfg, num_classes, state, seed)
     content = RecordDict(
         {
             protocol.ARRAYS: ArrayRecord(new_state),
             protocol.METRICS: MetricRecord(
                 {"num-examples": len(data), "client-id": cid, "train-loss": loss,
-                 "train-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb}
+                 "train-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb, **metrics}
             ),
         }
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +18,9 @@ from ddcore.profile import Measurement, measure
 from ddcore.runconfig import RunConfig
 from ddcore.summary import Summary
 from ddcore.train import train_model
+
+if TYPE_CHECKING:  # privacy (and Opacus, ~2 s to import) loads only for DP runs
+    from privacy.accounting import Accountant, DPPlan
 
 NodeConfig = Mapping[str, str | int | float | bool]
 
@@ -72,6 +77,8 @@ def distill_local(
     previous: Summary | None = None,
 ) -> tuple[Summary, Measurement]:
     """Distill ``data`` as ``cfg`` says; with a global model, match models sampled around it."""
+    if cfg.distill.dp.enabled:
+        import privacy.methods  # noqa: F401  (registers dp-gm and dp-dm)
     data = Dataset(data.x, data.y, num_classes, data.mean, data.std, data.name)
     factory = model_factory(cfg.distill.model, data.image_shape, num_classes, cfg.distill.device)
     if global_state is not None:
@@ -100,3 +107,37 @@ def fedavg_local(
                     progress=lambda step, total, metrics: losses.append(metrics["loss"]))
     mean_loss = sum(losses) / max(len(losses), 1)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, mean_loss, m
+
+
+def local_steps(num_examples: int, cfg: RunConfig) -> int:
+    """DP-SGD steps of one FedAvg round: ``local_epochs`` passes in expectation."""
+    return cfg.local_epochs * math.ceil(num_examples / cfg.local_batch_size)
+
+
+def dp_fedavg_local(
+    data: Dataset,
+    cfg: RunConfig,
+    num_classes: int,
+    state: dict[str, torch.Tensor],
+    seed: int,
+    accountant: Accountant,
+) -> tuple[dict[str, torch.Tensor], float, Measurement, DPPlan]:
+    """One DP-FedAvg client update: local DP-SGD (Opacus per-sample gradients) from the global weights.
+
+    sigma is calibrated for ``cfg.fedavg_rounds`` rounds of this client's local steps, and
+    ``accountant`` (kept by the caller across rounds) records every step; the epsilon it
+    reports covers the whole run so far.
+    """
+    from privacy.dpsgd import dpsgd_plan, dpsgd_train
+
+    dp = cfg.distill.dp
+    plan = dpsgd_plan(num_examples=len(data), batch_size=cfg.local_batch_size,
+                      epochs_per_round=cfg.local_epochs, rounds=max(cfg.fedavg_rounds, 1),
+                      target_epsilon=dp.target_epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model(cfg.distill.model, data.image_shape, num_classes, generator, cfg.distill.device)
+    model.load_state_dict(state)
+    with measure(cfg.distill.device) as m:
+        loss = dpsgd_train(model, data, plan, accountant, steps=local_steps(len(data), cfg), lr=cfg.local_lr,
+                           momentum=cfg.train.momentum, generator=generator)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, loss, m, plan

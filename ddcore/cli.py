@@ -1,6 +1,10 @@
 """Command line: distill a dataset centrally, evaluate the summary, write metrics and pictures.
 
     python -m ddcore distill --dataset mnist5k --method dm --ipc 10 --out runs/dm10
+    python -m ddcore distill --method gm --dp --target-epsilon 1 --delta 1e-5 --out runs/dpgm
+
+With --dp the DP variant of the method runs (from the ``privacy`` package, imported only
+then), starting from noise; metrics.json then records the epsilon actually spent.
 
 Writes DIR/metrics.json, DIR/summary.pt and DIR/synthetic.png, only once everything has
 succeeded. Bad input gives one line on stderr and exit code 2.
@@ -21,7 +25,7 @@ import torch
 
 from ddcore.data import Dataset, load_dataset
 from ddcore.errors import ConfigError, DDCoreError
-from ddcore.methods import METHODS, distill
+from ddcore.methods import distill, method_name
 from ddcore.methods.base import ClassIndex
 from ddcore.models import model_factory
 from ddcore.profile import measure
@@ -31,7 +35,12 @@ from ddcore.train import train_and_evaluate
 
 # flag -> flat run-config key
 FLAGS = ("method", "ipc", "iterations", "init", "seed", "device", "model", "model-width", "batch-real",
-         "lr-images", "outer-loop", "inner-loop", "dsa-strategy", "train-epochs", "train-min-steps")
+         "lr-images", "outer-loop", "inner-loop", "dsa-strategy", "train-epochs", "train-min-steps",
+         "model-norm", "target-epsilon", "delta", "max-grad-norm")
+# metrics.json key -> summary meta key, for DP runs
+DP_METRICS = {"epsilon_spent": "epsilon", "delta": "delta", "target_epsilon": "target-epsilon",
+              "noise_multiplier": "noise-multiplier", "sample_rate": "sample-rate", "steps": "steps",
+              "max_grad_norm": "max-grad-norm", "accountant": "accountant"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,13 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip evaluating random real samples of the same size")
     for flag in FLAGS:
         p.add_argument(f"--{flag}", default=None, help=f"overrides run-config '{flag}'")
+    p.add_argument("--dp", action="store_true",
+                   help="differential privacy: run the method's DP variant (init defaults to noise)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
     overrides = {f: getattr(args, f.replace("-", "_")) for f in FLAGS if getattr(args, f.replace("-", "_"))}
+    if args.dp and args.target_epsilon is None:
+        raise ConfigError("--dp needs --target-epsilon (a number > 0, or inf for the DP code path "
+                          "without noise)")
+    if not args.dp and (args.target_epsilon or args.max_grad_norm):
+        raise ConfigError("--target-epsilon / --max-grad-norm only act with --dp; add --dp")
+    if args.dp:
+        overrides["dp"] = True
+        overrides.setdefault("init", "noise")  # DP never starts from real images
     cfg = from_flat(overrides, base=run_preset(args.preset))
+    if cfg.distill.dp.enabled or cfg.distill.method.startswith("dp-"):
+        import privacy.methods  # noqa: F401  (registers dp-gm, dp-dm)
     if cfg.distill.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     return cfg
@@ -87,7 +108,7 @@ def _bar(desc: str, quiet: bool):
 
 def run_distill(args: argparse.Namespace) -> dict:
     cfg = _config(args)
-    METHODS.get(cfg.distill.method)
+    name = method_name(cfg.distill)
     splits = load_dataset(args.dataset, data_dir=args.data_dir, seed=cfg.partition.seed)
     _check_ipc(splits.train, cfg.distill.ipc)
     out = args.out or Path("runs") / f"{cfg.distill.method}_ipc{cfg.distill.ipc}"
@@ -95,17 +116,20 @@ def run_distill(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--out {out} exists and is not a folder")
     factory = model_factory(cfg.distill.model, splits.train.image_shape, splits.train.num_classes,
                             cfg.distill.device)
-    progress, bar = _bar(f"distill {cfg.distill.method}", args.quiet)
+    progress, bar = _bar(f"distill {name}", args.quiet)
     with measure(cfg.distill.device) as m:
         summary = distill(splits.train, factory, cfg.distill, progress=progress)
     if bar is not None:
         bar.close()
-    metrics = {"method": cfg.distill.method, "ipc": cfg.distill.ipc, "dataset": splits.train.name,
+    metrics = {"method": name, "ipc": cfg.distill.ipc, "dataset": splits.train.name,
                "images": len(summary), "distill_seconds": m.seconds, "distill_peak_rss_mb": m.peak_rss_mb,
                "summary_bytes": sum(a.nbytes for a in summary.to_arrays().values())}
+    if summary.meta.get("dp"):
+        metrics.update({k: summary.meta[v] for k, v in DP_METRICS.items()})
     metrics.update(_evaluate("", summary, splits, cfg, args.quiet))
-    if not args.no_baseline and cfg.distill.method != "random_real":
-        baseline = distill(splits.train, factory, replace(cfg.distill, method="random_real"))
+    if not args.no_baseline and cfg.distill.method != "random_real":  # a non-private reference
+        plain = replace(cfg.distill, method="random_real", dp=replace(cfg.distill.dp, enabled=False))
+        baseline = distill(splits.train, factory, plain)
         metrics.update(_evaluate("random_real_", baseline, splits, cfg, args.quiet))
     from importlib.metadata import version
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ddcore.augment import DEFAULT_STRATEGY, parse_strategy
@@ -34,6 +35,28 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """Differential-privacy settings (plain values; the mechanisms live in ``privacy``).
+
+    ``enabled`` switches the DP code path on (the DP variant of the method, DP-SGD in FedAvg);
+    ``target_epsilon = inf`` then runs that path with clipping but no noise (no privacy).
+    """
+
+    enabled: bool = False
+    target_epsilon: float = math.inf  # epsilon spent over the whole run, per client
+    delta: float = 1e-5  # must be < 1/n for a client of n examples
+    max_grad_norm: float = 1.0  # per-sample clipping norm C (gradients, or embeddings for DP-DM)
+
+    def __post_init__(self) -> None:
+        if not self.target_epsilon > 0:
+            raise ConfigError(f"target-epsilon must be > 0 (inf = no noise), got {self.target_epsilon}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), e.g. 1e-5; got {self.delta}")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ConfigError(f"max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Settings shared by every distillation method (each reads the fields it needs)."""
 
@@ -49,6 +72,7 @@ class DistillConfig:
     outer_loop: int = 10  # image updates per network initialisation
     inner_loop: int = 1  # network updates on the synthetic set between matching steps
     lr_net: float = 0.01
+    dp: DPConfig = field(default_factory=DPConfig)  # privacy (needs the ``privacy`` package)
     seed: int = 0
     device: str = "cpu"
 

@@ -55,6 +55,9 @@ class RunConfig:
             raise ConfigError(
                 f"unknown summary-dtype {self.summary_dtype!r}; known: {', '.join(STORED_DTYPES)}"
             )
+        if self.distill.dp.enabled and self.rounds > 1:
+            raise ConfigError("DP distillation is one-shot: with dp=true use rounds=1 "
+                              "(iterative rounds would need one accountant across rounds)")
         if self.summary_resolution < 0:
             raise ConfigError(f"summary-resolution must be >= 0, got {self.summary_resolution}")
 
@@ -83,6 +86,10 @@ _KEYS: dict[str, tuple[str, str]] = {
     "inner-loop": ("distill", "inner_loop"),
     "lr-net": ("distill", "lr_net"),
     "device": ("distill", "device"),
+    "dp": ("dp", "enabled"),
+    "target-epsilon": ("dp", "target_epsilon"),
+    "delta": ("dp", "delta"),
+    "max-grad-norm": ("dp", "max_grad_norm"),
     "train-epochs": ("train", "epochs"),
     "train-min-steps": ("train", "min_steps"),
     "train-lr": ("train", "lr"),
@@ -109,6 +116,8 @@ def _section(cfg: RunConfig, section: str) -> object:
         return cfg
     if section == "model":
         return cfg.distill.model
+    if section == "dp":
+        return cfg.distill.dp
     return getattr(cfg, section)
 
 
@@ -131,7 +140,8 @@ def from_flat(values: Mapping[str, Scalar], base: RunConfig | None = None) -> Ru
     unknown = sorted(set(values) - set(_KEYS))
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}")
-    changes: dict[str, dict[str, object]] = {"": {}, "partition": {}, "distill": {}, "train": {}, "model": {}}
+    changes: dict[str, dict[str, object]] = {"": {}, "partition": {}, "distill": {}, "train": {}, "model": {},
+                                           "dp": {}}
     for key, value in values.items():
         section, name = _KEYS[key]
         current = getattr(_section(base, section), name)
@@ -141,7 +151,8 @@ def from_flat(values: Mapping[str, Scalar], base: RunConfig | None = None) -> Ru
     if changes["distill"].get("lr_images") == 0.0:
         changes["distill"]["lr_images"] = None
     model = replace(base.distill.model, **changes["model"])
-    distill = replace(base.distill, model=model, **changes["distill"])
+    dp = replace(base.distill.dp, **changes["dp"])
+    distill = replace(base.distill, model=model, dp=dp, **changes["distill"])
     return replace(
         base,
         partition=replace(base.partition, **changes["partition"]),

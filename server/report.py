@@ -81,12 +81,14 @@ def plot_history(report: dict, out: Path) -> None:
     for key, fname, xlabel in (("round", "accuracy_vs_round.png", "round"),
                                ("bytes_up_cum", "accuracy_vs_bytes.png", "cumulative uploaded MiB")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, m in report["methods"].items():
+        for (name, m), marker in zip(report["methods"].items(), "os^vDP*X", strict=False):
             hist = m["history"]
             if not hist:
                 continue
             xs = [h[key] / (2**20 if key != "round" else 1) for h in hist]
-            ax.plot(xs, [100 * h["accuracy"] for h in hist], marker="o", markersize=3, label=name)
+            size = 9 if len(hist) == 1 else 4  # one-shot systems are single points: make them visible
+            ax.plot(xs, [100 * h["accuracy"] for h in hist], marker=marker, markersize=size,
+                    fillstyle="none", label=name)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         if key != "round":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import torch
@@ -20,7 +20,7 @@ from ddcore.errors import SummaryError
 from ddcore.models import build_model
 from ddcore.runconfig import RunConfig
 from ddcore.summary import Summary, concat
-from ddcore.train import train_model
+from ddcore.train import evaluate, train_model
 from server.ledger import Ledger
 from server.validation import SummaryLimits, validate
 
@@ -79,7 +79,7 @@ class DistillStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply, pool the accepted summaries and train the global model on them."""
-        accepted = 0
+        fresh: dict[int, Summary] = {}  # pooled only if the round succeeds
         for reply in replies:
             entry = self.ledger.find(server_round, reply.metadata.src_node_id)
             if reply.has_error():
@@ -90,18 +90,18 @@ class DistillStrategy(Strategy):
             entry.array_bytes_up = protocol.array_bytes(reply.content)
             try:
                 summary = self._check(reply.content)
-            except SummaryError as exc:
+                metrics = reply.content[protocol.METRICS]
+                entry.client_id = int(metrics.get("client-id", -1))
+                entry.examples = int(metrics.get("num-examples", 0))
+                entry.seconds = float(metrics.get("distill-seconds", 0.0))
+                entry.peak_mb = float(metrics.get("peak-rss-mb", 0.0))
+            except (ValueError, TypeError) as exc:  # SummaryError, or values that do not even decode
                 entry.status, entry.reason = "rejected", str(exc)
                 log(WARNING, "rejected summary of node %d: %s", entry.node_id, exc)
                 continue
-            metrics = reply.content[protocol.METRICS]
-            entry.client_id = int(metrics.get("client-id", -1))
-            entry.examples = int(metrics.get("num-examples", 0))
-            entry.seconds = float(metrics.get("distill-seconds", 0.0))
-            entry.peak_mb = float(metrics.get("peak-rss-mb", 0.0))
             entry.images, entry.status = len(summary), "accepted"
-            self.pool[entry.node_id] = summary
-            accepted += 1
+            fresh[entry.node_id] = summary
+        accepted = len(fresh)
         for entry in self.ledger.entries:
             if entry.round == server_round and entry.status == "sent":
                 entry.status, entry.reason = "failed", "no reply (dropped out or timed out)"
@@ -109,8 +109,12 @@ class DistillStrategy(Strategy):
             note = (f"round {server_round} failed: {accepted} usable summaries, "
                     f"fewer than min-clients={self.cfg.min_clients}; previous results kept")
             self.ledger.round_notes[server_round] = note
+            for entry in self.ledger.entries:
+                if entry.round == server_round and entry.node_id in fresh:
+                    entry.reason = "valid, but not pooled: the round failed"
             log(WARNING, note)
             return None, None
+        self.pool.update(fresh)
         pooled = self.pooled()
         model = self.train_global(pooled, seed=self.cfg.partition.seed * 1009 + server_round)
         log(INFO, "aggregate_train: %d summaries accepted, %d pooled images", accepted, len(pooled))
@@ -182,9 +186,10 @@ class CountingFedAvg(FedAvg):
         return super().aggregate_train(server_round, replies)
 
 
-def evaluate_fn(cfg: RunConfig, test: Dataset, ledger: Ledger):
+def evaluate_fn(
+    cfg: RunConfig, test: Dataset, ledger: Ledger
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
     """Centralised evaluation on the server's test split, recorded in ``ledger``."""
-    from ddcore.train import evaluate
 
     def fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 or len(arrays) == 0:

@@ -1,7 +1,9 @@
 """Distillation methods behind one registry and one call shape.
 
 Every method is ``distill(data, model_factory, cfg, init=None, progress=None) -> Summary``;
-``register_method`` adds one (``privacy`` registers the DP variants this way).
+``register_method`` adds one (``privacy`` registers the DP variants this way, as
+``dp-<name>``). With ``cfg.dp.enabled`` the DP variant of ``cfg.method`` runs, and a missing
+one is an error: nothing trains without the privacy that was asked for.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
+from ddcore.errors import ConfigError
 from ddcore.models import ModelFactory
 from ddcore.registry import Registry
 from ddcore.summary import Summary
@@ -24,6 +27,21 @@ for _module in ("random_real", "herding", "dm", "gm"):
     importlib.import_module(f"ddcore.methods.{_module}")
 
 
+def method_name(cfg: DistillConfig) -> str:
+    """The registered method that runs for ``cfg``: ``dp-<method>`` when DP is enabled."""
+    if cfg.dp.enabled and not cfg.method.startswith("dp-"):
+        name = f"dp-{cfg.method}"
+        if name not in METHODS:
+            dp_names = [m for m in METHODS.names() if m.startswith("dp-")]
+            raise ConfigError(
+                f"dp=true but method {cfg.method!r} has no DP variant {name!r} registered; "
+                + (f"use one of {', '.join(dp_names)}" if dp_names
+                   else "import privacy.methods first (it registers dp-gm and dp-dm)")
+            )
+        return name
+    return cfg.method
+
+
 def distill(
     data: Dataset,
     model_factory: ModelFactory,
@@ -31,8 +49,8 @@ def distill(
     init: Summary | None = None,
     progress: Progress | None = None,
 ) -> Summary:
-    """Distill ``data`` with the method ``cfg.method`` names and return the summary."""
-    return METHODS.get(cfg.method)(data, model_factory, cfg, init, progress)
+    """Distill ``data`` with the method ``cfg`` names (its DP variant if DP is on)."""
+    return METHODS.get(method_name(cfg))(data, model_factory, cfg, init, progress)
 
 
-__all__ = ["METHODS", "Method", "distill", "register_method"]
+__all__ = ["METHODS", "Method", "distill", "method_name", "register_method"]

@@ -1,0 +1,66 @@
+"""DP-SGD for local training (DP-FedAvg clients): Poisson batches, per-sample clipping, noise."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddcore.data import Dataset
+from privacy.accounting import Accountant, DPPlan
+from privacy.errors import PrivacyError
+from privacy.mechanisms import add_noise, clipped_sum, grad_sample_module, per_sample_gradients, poisson_mask
+
+
+def dpsgd_plan(*, num_examples: int, batch_size: int, epochs_per_round: int, rounds: int,
+               target_epsilon: float, delta: float, max_grad_norm: float) -> DPPlan:
+    """Calibrate sigma so that ``rounds`` rounds of local DP-SGD spend ``target_epsilon`` in total.
+
+    Each round runs ``epochs_per_round * ceil(n / batch_size)`` steps at sample rate
+    ``batch_size / n``; the plan covers every step of every round, not one round.
+    """
+    if num_examples < 1 or batch_size < 1 or epochs_per_round < 1 or rounds < 1:
+        raise PrivacyError("DP-SGD needs >= 1 example, batch size, local epoch and round")
+    rate = min(1.0, batch_size / num_examples)
+    steps = rounds * epochs_per_round * math.ceil(num_examples / batch_size)
+    return DPPlan.calibrate(target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
+                            sample_rate=rate, steps=steps, num_examples=num_examples)
+
+
+def dpsgd_train(model: nn.Module, data: Dataset, plan: DPPlan, accountant: Accountant, *, steps: int,
+                lr: float, momentum: float, generator: torch.Generator) -> float:
+    """Train ``model`` in place for ``steps`` DP-SGD steps; return the mean (clipped-batch) loss.
+
+    Every step is recorded in ``accountant`` (which the caller keeps across rounds). Refuses
+    to start if these steps would take the accountant past ``plan.steps`` (the budget).
+    """
+    if accountant.steps + steps > plan.steps:
+        raise PrivacyError(f"privacy budget exhausted: {accountant.steps} of {plan.steps} planned DP-SGD "
+                           f"steps are spent and {steps} more were asked; raise target-epsilon or plan "
+                           "more rounds up front (fedavg-rounds)")
+    gsm = grad_sample_module(model)
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    device = params[0].device
+    expected = plan.sample_rate * len(data)  # public normaliser: the noisy sum / expected batch size
+    gsm.train()
+    losses = []
+    for _ in range(steps):
+        mask = poisson_mask(len(data), plan.sample_rate, generator)
+        x, y = data.x[mask].to(device), data.y[mask].to(device)
+        if len(y):
+            loss = F.cross_entropy(gsm(x), y, reduction="sum")
+            total = clipped_sum(per_sample_gradients(gsm, loss), plan.max_grad_norm)
+            losses.append(float(loss.detach()) / len(y))
+        else:  # an empty Poisson batch still releases noise
+            total = [torch.zeros_like(p) for p in params]
+        noisy = add_noise(total, plan.noise_multiplier * plan.max_grad_norm, generator)
+        for p, g in zip(params, noisy, strict=True):
+            p.grad = g / expected
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+    gsm.remove_hooks()
+    return sum(losses) / max(len(losses), 1)

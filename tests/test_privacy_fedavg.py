@@ -1,0 +1,75 @@
+"""DP-FedAvg clients: sigma planned for the whole run, one accountant across rounds (node state)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from client.app import dp_fedavg_round
+from client.task import dp_fedavg_local, local_steps
+from ddcore.models import build_model
+from ddcore.runconfig import from_flat
+from privacy.accounting import Accountant
+from privacy.errors import PrivacyError, UnsupportedModelError
+
+FLAT = {"dataset": "digits", "num-clients": 2, "partition": "iid", "model": "mlp", "model-width": 8,
+        "fedavg-rounds": 3, "local-batch-size": 64, "dp": True, "target-epsilon": 2.0, "delta": 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these tests share 2 cores with other jobs (oversubscription is far slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def initial_state(cfg, data) -> dict[str, torch.Tensor]:
+    model = build_model(cfg.distill.model, data.image_shape, 10, torch.Generator().manual_seed(0))
+    return model.state_dict()
+
+
+def test_accountant_composes_every_step_of_every_round_and_stops_at_the_budget(digits) -> None:
+    cfg = from_flat(FLAT)
+    data = digits.train.subset(torch.arange(600))
+    state, acc, spent = initial_state(cfg, data), Accountant(), []
+    for r in range(3):
+        state, _, _, plan = dp_fedavg_local(data, cfg, 10, state, seed=r, accountant=acc)
+        spent.append(acc.epsilon(cfg.distill.dp.delta))
+    assert acc.steps == 3 * local_steps(600, cfg) == plan.steps
+    assert spent[0] < spent[1] < spent[2] <= 2.0 and spent[2] >= 0.95 * 2.0  # the whole run, not a round
+    assert plan.noise_multiplier > 0 and plan.sample_rate == pytest.approx(64 / 600)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    with pytest.raises(PrivacyError, match="budget exhausted"):
+        dp_fedavg_local(data, cfg, 10, state, seed=9, accountant=acc)
+
+
+def test_dp_sgd_refuses_batchnorm(digits) -> None:
+    cfg = from_flat({**FLAT, "model": "convnet", "model-norm": "batch"})
+    data = digits.train.subset(torch.arange(200))
+    with pytest.raises(UnsupportedModelError, match="GroupNorm"):
+        dp_fedavg_local(data, cfg, 10, initial_state(cfg, data), seed=0, accountant=Accountant())
+
+
+def test_client_keeps_the_accountant_in_node_state_across_rounds(digits) -> None:
+    cfg = from_flat(FLAT)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config={})
+    data = digits.train.subset(torch.arange(500))
+    state = initial_state(cfg, data)
+    epsilons = []
+    for r in (1, 2):
+        state, _, _, metrics = dp_fedavg_round(data, cfg, 10, state, r, context)
+        epsilons.append(metrics["epsilon"])
+    assert metrics["steps"] == 2 * local_steps(500, cfg)  # not reset by the second round
+    assert epsilons[0] < epsilons[1] < 2.0
+    fresh = Accountant()
+    fresh.load_state_dict(dict(context.state["dp-accountant"]))
+    assert fresh.epsilon(1e-4) == pytest.approx(epsilons[1]) and not math.isinf(epsilons[1])
+    other = from_flat({**FLAT, "target-epsilon": 4.0})  # another budget starts its own accountant
+    _, _, _, metrics = dp_fedavg_round(data, other, 10, state, 3, context)
+    assert metrics["steps"] == local_steps(500, other)
