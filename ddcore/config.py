@@ -75,8 +75,23 @@ class DistillConfig:
     dp: DPConfig = field(default_factory=DPConfig)  # privacy (needs the ``privacy`` package)
     seed: int = 0
     device: str = "cpu"
+    # unrolled methods (DD, MTT, IADD): inner steps on the synthetic set and their learned step size
+    syn_steps: int = 5  # SGD steps unrolled on the synthetic set per image update
+    lr_lr: float = 0.01  # Adam step on the log of the learned step sizes
+    # meta-model matching (DD)
+    dd_fixed_init: bool = False  # unroll from one fixed network instead of a fresh one each update
+    dd_batch_real: int = 32  # real images per class in the outer loss (batch_real is per class too)
+    # trajectory matching (MTT, IADD): experts trained on the client's own data once per call
+    mtt_experts: int = 2  # expert trajectories
+    mtt_expert_epochs: int = 6  # epochs per expert, one checkpoint after each (plus the start)
+    mtt_expert_span: int = 2  # M: the student matches the expert this many epochs ahead
+    mtt_max_start: int = 3  # the student starts from an expert checkpoint in [0, mtt_max_start]
+    # importance-aware parameter matching (IADD)
+    iadd_lr_importance: float = 0.01  # Adam step on the importance logits (larger ones collapse fast)
+    iadd_prune: float = 0.1  # importances (mean 1) below this are dropped for the rest of the run
 
     def __post_init__(self) -> None:
+        self._check_unrolled()
         if self.ipc < 1:
             raise ConfigError(f"ipc must be >= 1, got {self.ipc}")
         if self.iterations < 0 or self.batch_real < 1 or self.outer_loop < 1 or self.inner_loop < 0:
@@ -88,6 +103,25 @@ class DistillConfig:
         if self.init not in INITS:
             raise ConfigError(f"unknown init {self.init!r}; known: {', '.join(INITS)}")
         parse_strategy(self.dsa_strategy)
+
+    def _check_unrolled(self) -> None:
+        """Validate the DD / MTT / IADD fields."""
+        counts = {"syn-steps": self.syn_steps, "dd-batch-real": self.dd_batch_real,
+                  "mtt-experts": self.mtt_experts, "mtt-expert-span": self.mtt_expert_span}
+        small = [f"{k}={v}" for k, v in counts.items() if v < 1]
+        if small or self.mtt_max_start < 0:
+            raise ConfigError(f"{', '.join(small) or f'mtt-max-start={self.mtt_max_start}'}: "
+                              "syn-steps, dd-batch-real, mtt-experts, mtt-expert-span must be >= 1 "
+                              "and mtt-max-start >= 0")
+        if self.mtt_max_start + self.mtt_expert_span > self.mtt_expert_epochs:
+            raise ConfigError(f"mtt-max-start + mtt-expert-span ({self.mtt_max_start} + "
+                              f"{self.mtt_expert_span}) must be <= mtt-expert-epochs "
+                              f"({self.mtt_expert_epochs}); raise mtt-expert-epochs or lower the other two")
+        if not (self.lr_lr > 0 and self.iadd_lr_importance >= 0):
+            raise ConfigError(f"lr-lr must be > 0 and iadd-lr-importance >= 0, got {self.lr_lr}, "
+                              f"{self.iadd_lr_importance}")
+        if not 0 <= self.iadd_prune < 1:
+            raise ConfigError(f"iadd-prune must be in [0, 1) (0 = never prune), got {self.iadd_prune}")
 
     def lr_or(self, default: float) -> float:
         """The image step size, or the method's ``default`` when none was set."""

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from logging import INFO
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from ddcore.data import DataSplits, load_dataset
 from ddcore.errors import ConfigError
 from ddcore.partition import partition_indices
 from ddcore.runconfig import RUN_PRESETS, RunConfig, from_flat, run_preset, to_flat
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 # flag -> flat run-config key
 FLAGS = {
@@ -75,15 +79,19 @@ def fail(exc: BaseException) -> int:
     return 2
 
 
-def run_in_simulation(cfg: RunConfig, test, systems: list[tuple[str, RunConfig]], fedavg: bool) -> dict:
-    """Run the distillation ``systems`` (and FedAvg) one after another in one simulation."""
+def run_in_simulation(cfg: RunConfig, test, systems: list[tuple[str, RunConfig]], fedavg: bool,
+                      client_app: ClientApp | None = None) -> dict:
+    """Run the distillation ``systems`` (and FedAvg) one after another in one simulation.
+
+    ``client_app`` replaces the real :mod:`client.app` (tests inject faulty clients this way).
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from flwr.app import Context
     from flwr.common import log
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
+    from client.app import app as default_client_app
     from server.run import run_distillation, run_fedavg
 
     results: dict = {}
@@ -99,7 +107,7 @@ def run_in_simulation(cfg: RunConfig, test, systems: list[tuple[str, RunConfig]]
             results["fedavg"] = run_fedavg(grid, cfg, test)
 
     gpus = 1.0 / 2 if cfg.distill.device.startswith("cuda") else 0.0
-    run_simulation(server_app=server_app, client_app=client_app,
+    run_simulation(server_app=server_app, client_app=client_app or default_client_app,
                    num_supernodes=cfg.partition.num_partitions,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus}})
     missing = [name for name, _ in systems if name not in results]

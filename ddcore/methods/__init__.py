@@ -23,7 +23,7 @@ Method = Callable[[Dataset, ModelFactory, DistillConfig, Summary | None, Progres
 METHODS: Registry[Method] = Registry("method")
 register_method = METHODS.register
 
-for _module in ("random_real", "herding", "dm", "gm"):
+for _module in ("random_real", "herding", "dm", "gm", "dd", "mtt", "iadd"):
     importlib.import_module(f"ddcore.methods.{_module}")
 
 

@@ -1,0 +1,73 @@
+"""Meta-model matching (DD, Wang et al. 2018): images and per-step learning rates, learned by unrolling."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ddcore.config import DistillConfig, TrainConfig
+from ddcore.data import Dataset
+from ddcore.methods import register_method
+from ddcore.methods.base import ClassIndex, make_summary, start
+from ddcore.methods.unroll import params_of, unroll
+from ddcore.models import ModelFactory
+from ddcore.summary import Summary
+from ddcore.train import Progress
+
+TRAIN_MOMENTUM = TrainConfig().momentum  # the heavy-ball momentum train_model applies to Summary.lrs
+
+
+def to_trainer_lrs(step_sizes: torch.Tensor) -> torch.Tensor:
+    """Plain-SGD step sizes as train_model learning rates: lr / (1 - momentum) is the same step."""
+    return step_sizes * (1 - TRAIN_MOMENTUM)
+
+
+def initial_log_lrs(cfg: DistillConfig, init: Summary | None) -> torch.Tensor:
+    """Log step sizes (syn_steps,) to start from: ``init``'s learned ones if they fit, else ``lr_net``."""
+    if init is not None and init.lrs is not None and init.lrs.numel() == cfg.syn_steps:
+        return (init.lrs.detach().float() / (1 - TRAIN_MOMENTUM)).log().to(cfg.device)
+    return torch.full((cfg.syn_steps,), math.log(cfg.lr_net), device=cfg.device)
+
+
+@register_method("dd")
+def distill(
+    data: Dataset,
+    model_factory: ModelFactory,
+    cfg: DistillConfig,
+    init: Summary | None = None,
+    progress: Progress | None = None,
+) -> Summary:
+    """Learn images and step sizes so that ``syn_steps`` SGD steps on them fit a real batch.
+
+    Each update draws a fresh network (or reuses one with ``cfg.dd_fixed_init``), trains it
+    functionally on the synthetic set, and backpropagates the trained network's loss on
+    ``dd_batch_real`` real images per class through the whole unroll. The unroll is plain SGD;
+    ``Summary.lrs`` holds the learned steps converted for train_model's momentum SGD.
+    """
+    generator = torch.Generator().manual_seed(cfg.seed)
+    index = ClassIndex(data.y, data.num_classes)
+    images, labels = start(data, cfg, init, generator)
+    classes = sorted(set(labels.tolist()))
+    log_lrs = initial_log_lrs(cfg, init).requires_grad_(True)  # (syn_steps,)
+    opt = torch.optim.Adam([{"params": [images], "lr": cfg.lr_or(0.01)},
+                            {"params": [log_lrs], "lr": cfg.lr_lr}])
+    fixed = model_factory(generator) if cfg.dd_fixed_init else None
+    for it in range(cfg.iterations):
+        net = fixed if fixed is not None else model_factory(generator)
+        trained = unroll(net, params_of(net), images, labels, log_lrs.exp(), cfg.dsa_strategy, generator)
+        idx = torch.cat([index.sample(c, cfg.dd_batch_real, generator) for c in classes])
+        real_x, real_y = data.x[idx].to(cfg.device), data.y[idx].to(cfg.device)  # (b, C, H, W), (b,)
+        loss = F.cross_entropy(functional_call(net, trained, (real_x,)), real_y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            lr = float(log_lrs.detach().exp().mean())
+            progress(it + 1, cfg.iterations, {"loss": float(loss.detach()), "lr": lr})
+    summary = make_summary(images, labels, data, cfg).with_meta(
+        **{"fixed-init": cfg.dd_fixed_init, "lrs-momentum": TRAIN_MOMENTUM})
+    return replace(summary, lrs=to_trainer_lrs(log_lrs.detach().exp()).cpu())

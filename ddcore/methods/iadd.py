@@ -1,0 +1,73 @@
+"""Importance-aware parameter matching (IADD): MTT's loss with learned, pruned per-tensor weights."""
+
+from __future__ import annotations
+
+import torch
+
+from ddcore.config import DistillConfig
+from ddcore.data import Dataset
+from ddcore.methods import register_method
+from ddcore.methods.base import make_summary, start
+from ddcore.methods.mtt import expert_trajectories, initial_log_lr, match_distances
+from ddcore.models import ModelFactory
+from ddcore.summary import Summary
+from ddcore.train import Progress
+
+
+def importances(logits: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """Per-tensor weights (T,): a softmax over the live tensors scaled to mean 1 there; pruned = 0."""
+    masked = logits.masked_fill(~alive, float("-inf"))
+    return torch.softmax(masked, 0) * alive.sum()
+
+
+def weighted_match_loss(num: torch.Tensor, den: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i ||student_i - target_i||^2 / sum_i w_i ||start_i - target_i||^2 (MTT when all w_i = 1)."""
+    return (weights * num).sum() / (weights * den).sum()
+
+
+def prune(weights: torch.Tensor, alive: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``alive`` without the tensors whose weight fell below ``threshold`` (the heaviest always stays)."""
+    keep = alive & (weights >= threshold)
+    if not keep.any():
+        keep = torch.zeros_like(alive)
+        keep[weights.argmax()] = True
+    return keep
+
+
+@register_method("iadd")
+def distill(
+    data: Dataset,
+    model_factory: ModelFactory,
+    cfg: DistillConfig,
+    init: Summary | None = None,
+    progress: Progress | None = None,
+) -> Summary:
+    """Trajectory matching whose per-tensor importances are learned jointly with the images.
+
+    The final importances go into the summary's meta as ``importance:<parameter name>``.
+    """
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images, labels = start(data, cfg, init, generator)
+    experts = expert_trajectories(data, model_factory, cfg, generator)
+    net = model_factory(generator)  # the architecture for functional calls
+    names = list(experts[0][0])
+    logits = torch.zeros(len(names), device=cfg.device, requires_grad=True)  # (T,)
+    alive = torch.ones(len(names), dtype=torch.bool, device=cfg.device)
+    log_lr = initial_log_lr(data, cfg).requires_grad_(True)
+    opt = torch.optim.Adam([{"params": [images], "lr": cfg.lr_or(0.01)},
+                            {"params": [log_lr], "lr": cfg.lr_lr},
+                            {"params": [logits], "lr": cfg.iadd_lr_importance}])
+    for it in range(cfg.iterations):
+        num, den = match_distances(net, experts, images, labels, log_lr, cfg, generator)
+        loss = weighted_match_loss(num, den, importances(logits, alive))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            alive = prune(importances(logits, alive), alive, cfg.iadd_prune)
+        if progress is not None:
+            progress(it + 1, cfg.iterations, {"loss": float(loss.detach()), "live": float(alive.sum())})
+    weights = importances(logits.detach(), alive).cpu()
+    meta = {f"importance:{name}": float(w) for name, w in zip(names, weights, strict=True)}
+    meta.update({"syn-lr": float(log_lr.detach().exp()), "pruned-tensors": int((~alive).sum())})
+    return make_summary(images, labels, data, cfg).with_meta(**meta)

@@ -1,0 +1,101 @@
+"""Trajectory matching (MTT, Cazenavette et al. 2022): a student trained on the images follows experts."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ddcore.config import DistillConfig, TrainConfig
+from ddcore.data import Dataset
+from ddcore.methods import register_method
+from ddcore.methods.base import make_summary, start
+from ddcore.methods.unroll import Params, params_of, tensor_distances, unroll
+from ddcore.models import ModelFactory
+from ddcore.summary import Summary
+from ddcore.train import Progress, num_steps, train_model
+
+log = logging.getLogger(__name__)
+Trajectory = list[Params]  # checkpoints after 0, 1, ..., mtt_expert_epochs epochs
+
+
+def expert_config(cfg: DistillConfig) -> TrainConfig:
+    """One epoch of plain SGD at ``lr_net`` with cfg's DSA (MTT's experts: no momentum or decay)."""
+    return TrainConfig(epochs=1, lr=cfg.lr_net, momentum=0.0, weight_decay=0.0, min_steps=0, lr_decay=False,
+                       dsa_strategy=cfg.dsa_strategy)
+
+
+def expert_trajectories(
+    data: Dataset, model_factory: ModelFactory, cfg: DistillConfig, generator: torch.Generator
+) -> list[Trajectory]:
+    """Train ``cfg.mtt_experts`` fresh networks on the real data, keeping a checkpoint per epoch."""
+    train_cfg = expert_config(cfg)
+    experts = []
+    for e in range(cfg.mtt_experts):
+        net = model_factory(generator)
+        trajectory = [params_of(net)]
+        for _ in range(cfg.mtt_expert_epochs):
+            train_model(net, data.x, data.y, train_cfg, generator)
+            trajectory.append(params_of(net))
+        experts.append(trajectory)
+        log.info("expert %d/%d trained for %d epochs", e + 1, cfg.mtt_experts, cfg.mtt_expert_epochs)
+    return experts
+
+
+def initial_log_lr(data: Dataset, cfg: DistillConfig) -> torch.Tensor:
+    """The student's log step size: covers the experts' span, lr_net * expert steps / syn_steps."""
+    expert_steps = cfg.mtt_expert_span * num_steps(len(data), expert_config(cfg))
+    return torch.tensor(math.log(cfg.lr_net * expert_steps / cfg.syn_steps), device=cfg.device)
+
+
+def match_distances(
+    net: torch.nn.Module,
+    experts: list[Trajectory],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    log_lr: torch.Tensor,
+    cfg: DistillConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start a student at a random expert checkpoint t, train it ``syn_steps`` steps on the images.
+
+    Returns per-tensor (T,) squared distances student->expert_{t+M} and expert_t->expert_{t+M}.
+    """
+    trajectory = experts[int(torch.randint(len(experts), (1,), generator=generator))]
+    t = int(torch.randint(cfg.mtt_max_start + 1, (1,), generator=generator))
+    begin, target = trajectory[t], trajectory[t + cfg.mtt_expert_span]
+    lrs = log_lr.exp().expand(cfg.syn_steps)
+    student = unroll(net, begin, images, labels, lrs, cfg.dsa_strategy, generator)
+    return tensor_distances(student, begin, target)
+
+
+@register_method("mtt")
+def distill(
+    data: Dataset,
+    model_factory: ModelFactory,
+    cfg: DistillConfig,
+    init: Summary | None = None,
+    progress: Progress | None = None,
+) -> Summary:
+    """Minimise ||student_end - expert_{t+M}||^2 / ||expert_t - expert_{t+M}||^2 over images and lr.
+
+    Experts are trained on ``data`` once per call and kept only for the call.
+    """
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images, labels = start(data, cfg, init, generator)
+    experts = expert_trajectories(data, model_factory, cfg, generator)
+    net = model_factory(generator)  # the architecture for functional calls; its weights are unused
+    log_lr = initial_log_lr(data, cfg).requires_grad_(True)
+    opt = torch.optim.Adam([{"params": [images], "lr": cfg.lr_or(0.01)},
+                            {"params": [log_lr], "lr": cfg.lr_lr}])
+    for it in range(cfg.iterations):
+        num, den = match_distances(net, experts, images, labels, log_lr, cfg, generator)
+        loss = num.sum() / den.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            lr = float(log_lr.detach().exp())
+            progress(it + 1, cfg.iterations, {"loss": float(loss.detach()), "lr": lr})
+    return make_summary(images, labels, data, cfg).with_meta(**{"syn-lr": float(log_lr.detach().exp())})
