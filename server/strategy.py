@@ -129,8 +129,13 @@ class DistillStrategy(Strategy):
         return validate(arrays, dict(content[protocol.META]), self.limits)
 
     def pooled(self) -> Summary:
-        """All accepted summaries pooled into one training set."""
-        return concat([self.pool[k] for k in sorted(self.pool)], self.limits.num_classes)
+        """All accepted summaries pooled into one training set, in client-id order.
+
+        Node ids are random per run; ordering by the client id the summary carries keeps the
+        server's training (and so its accuracy) reproducible for a given seed.
+        """
+        order = sorted(self.pool, key=lambda node: (str(self.pool[node].meta.get("client-id", "")), node))
+        return concat([self.pool[node] for node in order], self.limits.num_classes)
 
     def train_global(self, pooled: Summary, seed: int) -> torch.nn.Module:
         """Train a fresh global model on the pooled summaries."""

@@ -37,16 +37,22 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                         help="any other run-config key, e.g. --set train-epochs=100 model-width=32")
 
 
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``--set KEY=VALUE ...`` as a mapping of flat run-config keys to raw values."""
+    pairs = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        pairs[key] = value
+    return pairs
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The preset with the flags applied; also stores ``args.flat`` and ``args.environment``."""
     overrides = {FLAGS[f]: getattr(args, f.replace("-", "_")) for f in FLAGS
                  if getattr(args, f.replace("-", "_")) is not None}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key] = value
-    cfg = from_flat(overrides, base=run_preset(args.preset))
+    cfg = from_flat({**overrides, **parse_set(args.set)}, base=run_preset(args.preset))
     if cfg.distill.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     from server.report import environment

@@ -34,7 +34,7 @@ from server.ledger import Ledger
 from server.report import atomic_write, environment
 from server.strategy import DistillStrategy
 from server.validation import SummaryLimits, validate
-from simulations.common import check_partitions, fail
+from simulations.common import check_partitions, fail, parse_set
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,13 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(args: argparse.Namespace) -> RunConfig:
     """The preset with ``--set`` applied; checks ``--client`` and ``--resolution``."""
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key] = value
-    cfg = from_flat(overrides, base=run_preset(args.preset))
+    cfg = from_flat(parse_set(args.set), base=run_preset(args.preset))
     if not 0 <= args.client < cfg.partition.num_partitions:
         raise ConfigError(f"--client {args.client} is outside 0..{cfg.partition.num_partitions - 1}")
     if args.resolution < 1 or args.threads < 0 or args.pool_iterations < 0:

@@ -24,6 +24,15 @@ def blobs(n_per_class: int = 20, num_classes: int = 3, size: int = 8, seed: int 
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: oversubscribed threads on 2 shared cores are far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny() -> Dataset:
     return blobs()
 

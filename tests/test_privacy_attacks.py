@@ -23,13 +23,7 @@ OVERFIT = TrainConfig(epochs=150, lr=0.05, momentum=0.9, weight_decay=0.0, batch
                       dsa_strategy="none", min_steps=0, lr_decay=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these tests share 2 cores with other jobs (oversubscription is far slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trainer(data, generator):

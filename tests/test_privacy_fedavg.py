@@ -19,13 +19,7 @@ FLAT = {"dataset": "digits", "num-clients": 2, "partition": "iid", "model": "mlp
         "fedavg-rounds": 3, "local-batch-size": 64, "dp": True, "target-epsilon": 2.0, "delta": 1e-4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these tests share 2 cores with other jobs (oversubscription is far slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def initial_state(cfg, data) -> dict[str, torch.Tensor]:

@@ -30,13 +30,7 @@ BASE = DistillConfig(ipc=5, iterations=40, batch_real=32, init="noise", model=SP
 TRAIN = TrainConfig(epochs=30, min_steps=200)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these tests share 2 cores with other jobs (oversubscription is far slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dp(cfg: DistillConfig, epsilon: float, delta: float = 1e-4) -> DistillConfig:
