@@ -54,6 +54,16 @@ def gm_loss(
     return loss
 
 
+def train_on_synthetic(net: torch.nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor,
+                       labels: torch.Tensor, cfg: DistillConfig, generator: torch.Generator) -> None:
+    """``cfg.inner_loop`` SGD steps of ``net`` on the (detached) synthetic set, with DSA."""
+    for _ in range(cfg.inner_loop):
+        loss = F.cross_entropy(net(augment(images, cfg.dsa_strategy, generator)), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 @register_method("gm")
 def distill(
     data: Dataset,
@@ -85,12 +95,7 @@ def distill(
         loss.backward()
         opt_img.step()
         if (it + 1) % cfg.outer_loop != 0:  # move the network along its training trajectory
-            x_syn = images.detach()
-            for _ in range(cfg.inner_loop):
-                net_loss = F.cross_entropy(net(augment(x_syn, cfg.dsa_strategy, generator)), labels)
-                opt_net.zero_grad(set_to_none=True)
-                net_loss.backward()
-                opt_net.step()
+            train_on_synthetic(net, opt_net, images.detach(), labels, cfg, generator)
         if progress is not None:
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach())})
     return make_summary(images, labels, data, cfg)

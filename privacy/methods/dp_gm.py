@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 
-from ddcore.augment import apply, augment, sample_params
+from ddcore.augment import apply, sample_params
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
 from ddcore.methods.base import make_summary
-from ddcore.methods.gm import class_gradient, gradient_distance
+from ddcore.methods.gm import class_gradient, gradient_distance, train_on_synthetic
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
 from ddcore.train import Progress
@@ -83,12 +83,7 @@ def distill(
         loss.backward()
         opt_img.step()
         if (it + 1) % cfg.outer_loop != 0:  # train the network on the (already private) synthetic set
-            x_syn = images.detach()
-            for _ in range(cfg.inner_loop):
-                net_loss = F.cross_entropy(gsm(augment(x_syn, cfg.dsa_strategy, generator)), labels)
-                opt_net.zero_grad(set_to_none=True)
-                net_loss.backward()
-                opt_net.step()
+            train_on_synthetic(gsm, opt_net, images.detach(), labels, cfg, generator)
         if progress is not None:
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach())})
     summary = make_summary(images, labels, data, cfg)
