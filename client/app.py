@@ -7,7 +7,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import protocol
-from client.task import client_id, distill_local, dp_fedavg_local, fedavg_local, local_data
+from client.task import client_id, client_seed, distill_local, dp_fedavg_local, fedavg_local, local_data
 from ddcore.data import Dataset
 from ddcore.profile import Measurement
 from ddcore.runconfig import RunConfig, from_flat
@@ -60,7 +60,7 @@ def distill_summary(message: Message, context: Context) -> Message:
         if _PREVIOUS in context.state:
             prev = context.state[_PREVIOUS]
             previous = Summary.from_arrays(protocol.content_arrays(prev), {})
-    seed = cfg.distill.seed * 100_003 + cid * 101 + server_round
+    seed = client_seed(cfg, cid, server_round)
     summary, m = distill_local(data, cfg, num_classes, seed, global_state, previous)
     summary = summary.with_meta(**{"client-id": cid, "server-round": server_round})
     if cfg.rounds > 1:
@@ -109,7 +109,7 @@ def fedavg_update(message: Message, context: Context) -> Message:
     cid = client_id(context.node_config)
     data = _local_data(cfg, context)
     state = message.content[protocol.ARRAYS].to_torch_state_dict()
-    seed = cfg.distill.seed * 100_003 + cid * 101 + server_round
+    seed = client_seed(cfg, cid, server_round)
     metrics: dict[str, int | float] = {}
     if cfg.distill.dp.enabled:
         new_state, loss, m, metrics = dp_fedavg_round(data, cfg, num_classes, state, seed, context)

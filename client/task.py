@@ -33,6 +33,11 @@ def client_id(node_config: NodeConfig) -> int:
     return 0
 
 
+def client_seed(cfg: RunConfig, cid: int, server_round: int) -> int:
+    """The seed of client ``cid``'s work in ``server_round``: distinct per client and round."""
+    return cfg.distill.seed * 100_003 + cid * 101 + server_round
+
+
 def local_data(cfg: RunConfig, node_config: NodeConfig) -> Dataset:
     """This node's private training data.
 

@@ -29,7 +29,7 @@ from ddcore.methods import distill, method_name
 from ddcore.methods.base import ClassIndex
 from ddcore.models import model_factory
 from ddcore.profile import measure
-from ddcore.runconfig import RUN_PRESETS, RunConfig, from_flat, run_preset, to_flat
+from ddcore.runconfig import RUN_PRESETS, RunConfig, check_device, from_flat, run_preset, to_flat
 from ddcore.summary import Summary
 from ddcore.train import train_and_evaluate
 
@@ -76,8 +76,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
     cfg = from_flat(overrides, base=run_preset(args.preset))
     if cfg.distill.dp.enabled or cfg.distill.method.startswith("dp-"):
         import privacy.methods  # noqa: F401  (registers dp-gm, dp-dm)
-    if cfg.distill.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    check_device(cfg)
     return cfg
 
 

@@ -187,6 +187,15 @@ def _convert(key: str, value: Scalar, current: object) -> object:
         raise ConfigError(f"bad value {value!r} for {key}: {exc}") from None
 
 
+def check_device(cfg: RunConfig) -> RunConfig:
+    """Return ``cfg``, or raise if it asks for CUDA on a machine where torch sees none."""
+    import torch
+
+    if cfg.distill.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return cfg
+
+
 RUN_PRESETS: dict[str, RunConfig] = {
     # seconds: tests and smoke runs (tiny model, few steps)
     "quick": RunConfig(

@@ -42,6 +42,12 @@ class Ledger:
                 return entry
         return self.sent(round_, node_id, 0)
 
+    def mark_silent(self, round_: int) -> None:
+        """Mark the clients of ``round_`` that never replied as failed."""
+        for entry in self.entries:
+            if entry.round == round_ and entry.status == "sent":
+                entry.status, entry.reason = "failed", "no reply (dropped out or timed out)"
+
     def bytes_up(self, up_to_round: int | None = None) -> int:
         return sum(e.bytes_up for e in self.entries if up_to_round is None or e.round <= up_to_round)
 

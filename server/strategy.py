@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
 import torch
@@ -21,7 +21,7 @@ from ddcore.models import build_model
 from ddcore.runconfig import RunConfig
 from ddcore.summary import Summary, concat
 from ddcore.train import evaluate, train_model
-from server.ledger import Ledger
+from server.ledger import ClientRound, Ledger
 from server.validation import SummaryLimits, validate
 
 
@@ -38,6 +38,26 @@ def sample_clients(grid: Grid, cfg: RunConfig, server_round: int) -> list[int]:
         time.sleep(1.0)
     size = min(len(nodes), max(math.ceil(len(nodes) * cfg.fraction), cfg.min_clients))
     return sorted(random.Random(cfg.partition.seed * 7919 + server_round).sample(nodes, size))
+
+
+def reply_entry(ledger: Ledger, server_round: int, reply: Message) -> ClientRound | None:
+    """The ledger entry of ``reply`` with its bytes counted, or None (marked failed) on a client error."""
+    entry = ledger.find(server_round, reply.metadata.src_node_id)
+    if reply.has_error():
+        entry.status, entry.reason = "failed", f"client error: {reply.error.reason}"
+        log(WARNING, "client node %d failed: %s", entry.node_id, reply.error.reason)
+        return None
+    entry.bytes_up = protocol.content_bytes(reply.content)
+    entry.array_bytes_up = protocol.array_bytes(reply.content)
+    return entry
+
+
+def read_metrics(entry: ClientRound, metrics: Mapping, seconds_key: str) -> None:
+    """Copy the client's self-reported id, examples, work time and peak memory into ``entry``."""
+    entry.client_id = int(metrics.get("client-id", -1))
+    entry.examples = int(metrics.get("num-examples", 0))
+    entry.seconds = float(metrics.get(seconds_key, 0.0))
+    entry.peak_mb = float(metrics.get("peak-rss-mb", 0.0))
 
 
 class DistillStrategy(Strategy):
@@ -81,20 +101,12 @@ class DistillStrategy(Strategy):
         """Validate every reply, pool the accepted summaries and train the global model on them."""
         fresh: dict[int, Summary] = {}  # pooled only if the round succeeds
         for reply in replies:
-            entry = self.ledger.find(server_round, reply.metadata.src_node_id)
-            if reply.has_error():
-                entry.status, entry.reason = "failed", f"client error: {reply.error.reason}"
-                log(WARNING, "client node %d failed: %s", entry.node_id, reply.error.reason)
+            entry = reply_entry(self.ledger, server_round, reply)
+            if entry is None:
                 continue
-            entry.bytes_up = protocol.content_bytes(reply.content)
-            entry.array_bytes_up = protocol.array_bytes(reply.content)
             try:
                 summary = self._check(reply.content)
-                metrics = reply.content[protocol.METRICS]
-                entry.client_id = int(metrics.get("client-id", -1))
-                entry.examples = int(metrics.get("num-examples", 0))
-                entry.seconds = float(metrics.get("distill-seconds", 0.0))
-                entry.peak_mb = float(metrics.get("peak-rss-mb", 0.0))
+                read_metrics(entry, reply.content[protocol.METRICS], "distill-seconds")
             except (ValueError, TypeError) as exc:  # SummaryError, or values that do not even decode
                 entry.status, entry.reason = "rejected", str(exc)
                 log(WARNING, "rejected summary of node %d: %s", entry.node_id, exc)
@@ -102,9 +114,7 @@ class DistillStrategy(Strategy):
             entry.images, entry.status = len(summary), "accepted"
             fresh[entry.node_id] = summary
         accepted = len(fresh)
-        for entry in self.ledger.entries:
-            if entry.round == server_round and entry.status == "sent":
-                entry.status, entry.reason = "failed", "no reply (dropped out or timed out)"
+        self.ledger.mark_silent(server_round)
         if accepted < self.cfg.min_clients:
             note = (f"round {server_round} failed: {accepted} usable summaries, "
                     f"fewer than min-clients={self.cfg.min_clients}; previous results kept")
@@ -173,21 +183,11 @@ class CountingFedAvg(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         for reply in replies:
-            entry = self.ledger.find(server_round, reply.metadata.src_node_id)
-            if reply.has_error():
-                entry.status, entry.reason = "failed", f"client error: {reply.error.reason}"
-                continue
-            entry.bytes_up = protocol.content_bytes(reply.content)
-            entry.array_bytes_up = protocol.array_bytes(reply.content)
-            metrics = reply.content.get(protocol.METRICS, {})
-            entry.client_id = int(metrics.get("client-id", -1))
-            entry.examples = int(metrics.get("num-examples", 0))
-            entry.seconds = float(metrics.get("train-seconds", 0.0))
-            entry.peak_mb = float(metrics.get("peak-rss-mb", 0.0))
-            entry.status = "accepted"
-        for entry in self.ledger.entries:
-            if entry.round == server_round and entry.status == "sent":
-                entry.status, entry.reason = "failed", "no reply (dropped out or timed out)"
+            entry = reply_entry(self.ledger, server_round, reply)
+            if entry is not None:
+                read_metrics(entry, reply.content.get(protocol.METRICS, {}), "train-seconds")
+                entry.status = "accepted"
+        self.ledger.mark_silent(server_round)
         return super().aggregate_train(server_round, replies)
 
 

@@ -9,12 +9,11 @@ from logging import INFO
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ddcore.data import DataSplits, load_dataset
 from ddcore.errors import ConfigError
 from ddcore.partition import partition_indices
-from ddcore.runconfig import RUN_PRESETS, RunConfig, from_flat, run_preset, to_flat
+from ddcore.runconfig import RUN_PRESETS, RunConfig, check_device, from_flat, run_preset, to_flat
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -53,8 +52,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides = {FLAGS[f]: getattr(args, f.replace("-", "_")) for f in FLAGS
                  if getattr(args, f.replace("-", "_")) is not None}
     cfg = from_flat({**overrides, **parse_set(args.set)}, base=run_preset(args.preset))
-    if cfg.distill.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    check_device(cfg)
     from server.report import environment
 
     args.flat = {"preset": args.preset, **to_flat(cfg)}

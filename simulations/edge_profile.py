@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from client import protocol
-from client.task import distill_local
+from client.task import client_seed, distill_local
 from ddcore.data import DataSplits
 from ddcore.errors import ConfigError
 from ddcore.partition import partition_indices
@@ -77,7 +77,7 @@ def distill_clients(cfg: RunConfig, splits: DataSplits, first: int,
     costs: dict[int, dict] = {}
     for cid in order:
         data = splits.train.subset(parts[cid])
-        seed = cfg.distill.seed * 100_003 + cid * 101 + 1  # the ClientApp's seed in round 1
+        seed = client_seed(cfg, cid, server_round=1)  # the ClientApp's seed in round 1
         run = cfg if cid == first else others
         summary, m = distill_local(data, run, splits.train.num_classes, seed)
         summaries[cid] = summary.with_meta(**{"client-id": cid, "server-round": 1})
