@@ -129,6 +129,9 @@ def dp_fedavg_local(
 ) -> tuple[dict[str, torch.Tensor], float, Measurement, DPPlan]:
     """One DP-FedAvg client update: local DP-SGD (Opacus per-sample gradients) from the global weights.
 
+    The local recipe is plain FedAvg's (learning rate, momentum, weight decay, augmentation);
+    only the batches (Poisson), the per-example clipping and the noise differ.
+
     sigma is calibrated for ``cfg.fedavg_rounds`` rounds of this client's local steps, and
     ``accountant`` (kept by the caller across rounds) records every step; the epsilon it
     reports covers the whole run so far.
@@ -144,5 +147,6 @@ def dp_fedavg_local(
     model.load_state_dict(state)
     with measure(cfg.distill.device) as m:
         loss = dpsgd_train(model, data, plan, accountant, steps=local_steps(len(data), cfg), lr=cfg.local_lr,
-                           momentum=cfg.train.momentum, generator=generator)
+                           momentum=cfg.train.momentum, generator=generator,
+                           weight_decay=cfg.train.weight_decay, dsa_strategy=cfg.train.dsa_strategy)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, loss, m, plan

@@ -27,6 +27,7 @@ from ddcore.data import Dataset, load_dataset
 from ddcore.errors import ConfigError, DDCoreError
 from ddcore.methods import distill, method_name
 from ddcore.methods.base import ClassIndex
+from ddcore.methods.options import without_options
 from ddcore.models import model_factory
 from ddcore.profile import measure
 from ddcore.runconfig import RUN_PRESETS, RunConfig, check_device, from_flat, run_preset, to_flat
@@ -37,7 +38,9 @@ from ddcore.train import train_and_evaluate
 FLAGS = ("method", "ipc", "iterations", "init", "seed", "device", "model", "model-width", "batch-real",
          "lr-images", "outer-loop", "inner-loop", "dsa-strategy", "train-epochs", "train-min-steps",
          "model-norm", "target-epsilon", "delta", "max-grad-norm", "syn-steps", "lr-lr", "dd-fixed-init",
-         "mtt-experts", "mtt-expert-epochs", "iadd-lr-importance", "iadd-prune")
+         "mtt-experts", "mtt-expert-epochs", "iadd-lr-importance", "iadd-prune", "factor-hallucinators",
+         "factor-lr", "residual-alpha", "residual-every", "multires", "precision", "soft-labels", "lr-labels",
+         "teacher-epochs", "teacher-temperature")
 # metrics.json key -> summary meta key, for DP runs
 DP_METRICS = {"epsilon_spent": "epsilon", "delta": "delta", "target_epsilon": "target-epsilon",
               "noise_multiplier": "noise-multiplier", "sample_rate": "sample-rate", "steps": "steps",
@@ -59,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", default=None, help=f"overrides run-config '{flag}'")
     p.add_argument("--dp", action="store_true",
                    help="differential privacy: run the method's DP variant (init defaults to noise)")
+    p.add_argument("--factorised", action="store_true",
+                   help="factorised summary (dm, gm and their DP variants): ipc bases per class - the "
+                        "bytes of ipc images - decoded by --factor-hallucinators (default 4) tiny shared "
+                        "hallucinators into ipc x that many images per class")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -73,6 +80,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
     if args.dp:
         overrides["dp"] = True
         overrides.setdefault("init", "noise")  # DP never starts from real images
+    if args.factorised:
+        overrides["factorised"] = True
     cfg = from_flat(overrides, base=run_preset(args.preset))
     if cfg.distill.dp.enabled or cfg.distill.method.startswith("dp-"):
         import privacy.methods  # noqa: F401  (registers dp-gm, dp-dm)
@@ -128,7 +137,9 @@ def run_distill(args: argparse.Namespace) -> dict:
         metrics.update({k: summary.meta[v] for k, v in DP_METRICS.items()})
     metrics.update(_evaluate("", summary, splits, cfg, args.quiet))
     if not args.no_baseline and cfg.distill.method != "random_real":  # a non-private reference
-        plain = replace(cfg.distill, method="random_real", dp=replace(cfg.distill.dp, enabled=False))
+        plain = replace(cfg.distill, method="random_real", dp=replace(cfg.distill.dp, enabled=False),
+                        factorised=False)  # ipc real images: the factorised summary's byte budget
+        plain = without_options(plain)  # hard labels, no image options
         baseline = distill(splits.train, factory, plain)
         metrics.update(_evaluate("random_real_", baseline, splits, cfg, args.quiet))
     from importlib.metadata import version

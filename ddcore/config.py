@@ -10,6 +10,8 @@ from ddcore.errors import ConfigError
 from ddcore.models import ModelSpec
 
 INITS = ("real", "noise")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SOFT_LABELS = ("none", "learned", "teacher")
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,27 @@ class DistillConfig:
     # importance-aware parameter matching (IADD)
     iadd_lr_importance: float = 0.01  # Adam step on the importance logits (larger ones collapse fast)
     iadd_prune: float = 0.1  # importances (mean 1) below this are dropped for the rest of the run
+    # options of the matching methods (ddcore.methods.options) and soft labels (ddcore.methods.soft_labels)
+    residual_alpha: float = 1.0  # every residual_every updates x = a x + (1 - a) real patch; 1 = off
+    residual_every: int = 50  # image updates between two residual mixes
+    multires: float = 0.0  # fraction of the iterations optimised at half resolution first (0 = off)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast and loss scaling; CUDA only)
+    soft_labels: str = "none"  # none | learned (with the images: dd, mtt, iadd) | teacher (any method)
+    lr_labels: float = 0.05  # Adam step on the learned label logits
+    teacher_epochs: int = 20  # epochs of the teacher network on the real data (soft_labels="teacher")
+    teacher_temperature: float = 1.0  # softmax temperature applied to the teacher's logits
+    # factorised summary (ddcore.factorised): ipc bases per class (the bytes of ipc images), decoded
+    # by factor_hallucinators shared hallucinators into ipc * factor_hallucinators images per class
+    factorised: bool = False
+    factor_hallucinators: int = 4
+    factor_lr: float = 0.01  # hallucinator step size as a fraction of the image step size
 
     def __post_init__(self) -> None:
         self._check_unrolled()
+        self._check_options()
+        if self.factor_hallucinators < 1 or not self.factor_lr > 0:
+            raise ConfigError(f"factor-hallucinators must be >= 1 and factor-lr > 0, got "
+                              f"{self.factor_hallucinators}, {self.factor_lr}")
         if self.ipc < 1:
             raise ConfigError(f"ipc must be >= 1, got {self.ipc}")
         if self.iterations < 0 or self.batch_real < 1 or self.outer_loop < 1 or self.inner_loop < 0:
@@ -122,6 +142,30 @@ class DistillConfig:
                               f"{self.iadd_lr_importance}")
         if not 0 <= self.iadd_prune < 1:
             raise ConfigError(f"iadd-prune must be in [0, 1) (0 = never prune), got {self.iadd_prune}")
+
+    def _check_options(self) -> None:
+        """Validate the residual, multi-resolution, precision and soft-label fields."""
+        if not (0 < self.residual_alpha <= 1 and self.residual_every >= 1):
+            raise ConfigError(f"residual-alpha must be in (0, 1] (1 = off) and residual-every >= 1; got "
+                              f"{self.residual_alpha}, {self.residual_every}")
+        if not 0 <= self.multires < 1:
+            raise ConfigError(f"multires is the fraction of the iterations run at half resolution, "
+                              f"in [0, 1) (0 = off); got {self.multires}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+        if self.precision == "fp16" and not self.device.startswith("cuda"):
+            raise ConfigError("precision fp16 needs a CUDA device (device=cuda); on CPU use precision=bf16")
+        if self.soft_labels not in SOFT_LABELS:
+            raise ConfigError(f"unknown soft-labels {self.soft_labels!r}; known: {', '.join(SOFT_LABELS)}")
+        if not (self.lr_labels > 0 and self.teacher_epochs >= 1 and self.teacher_temperature > 0):
+            raise ConfigError(f"lr-labels > 0, teacher-epochs >= 1 and teacher-temperature > 0 are required; "
+                              f"got {self.lr_labels}, {self.teacher_epochs}, {self.teacher_temperature}")
+        if self.dp.enabled and self.residual_alpha < 1:
+            raise ConfigError("residual mixing copies real patches into the summary, which DP forbids; "
+                              "use residual-alpha=1 with dp=true")
+        if self.dp.enabled and self.soft_labels == "teacher":
+            raise ConfigError("teacher soft labels come from a network trained on the real data without "
+                              "privacy, which DP forbids; use soft-labels=none with dp=true")
 
     def lr_or(self, default: float) -> float:
         """The image step size, or the method's ``default`` when none was set."""

@@ -57,3 +57,54 @@ def measure(device: str = "cpu", interval: float = 0.02) -> Iterator[Measurement
         result.peak_rss_mb = max(result.peak_rss_mb, rss_mb())
         if cuda:
             result.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+def tree_rss_mb(root: int | None = None) -> float:
+    """Summed RSS in MiB of process ``root`` (default: this one) and all its descendants.
+
+    Flower's simulation runs clients in Ray worker processes below the driver, so this is
+    the memory of the whole simulation. Linux only (0 elsewhere); shared pages count once
+    per process, so the figure is an upper bound.
+    """
+    root = os.getpid() if root is None else root
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(pid)  # fields[1] = ppid
+            rss[pid] = int(fields[21])  # resident pages
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total * _PAGE / 2**20
+
+
+@contextmanager
+def measure_tree(interval: float = 0.5) -> Iterator[Measurement]:
+    """Like :func:`measure`, but the peak is of this process plus all its descendants."""
+    result = Measurement(peak_rss_mb=tree_rss_mb())
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval):
+            result.peak_rss_mb = max(result.peak_rss_mb, tree_rss_mb())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result.seconds = time.perf_counter() - start

@@ -96,6 +96,17 @@ _KEYS: dict[str, tuple[str, str]] = {
     "mtt-max-start": ("distill", "mtt_max_start"),
     "iadd-lr-importance": ("distill", "iadd_lr_importance"),
     "iadd-prune": ("distill", "iadd_prune"),
+    "residual-alpha": ("distill", "residual_alpha"),
+    "residual-every": ("distill", "residual_every"),
+    "multires": ("distill", "multires"),
+    "precision": ("distill", "precision"),
+    "soft-labels": ("distill", "soft_labels"),
+    "lr-labels": ("distill", "lr_labels"),
+    "teacher-epochs": ("distill", "teacher_epochs"),
+    "teacher-temperature": ("distill", "teacher_temperature"),
+    "factorised": ("distill", "factorised"),
+    "factor-hallucinators": ("distill", "factor_hallucinators"),
+    "factor-lr": ("distill", "factor_lr"),
     "dp": ("dp", "enabled"),
     "target-epsilon": ("dp", "target_epsilon"),
     "delta": ("dp", "delta"),
@@ -205,6 +216,13 @@ RUN_PRESETS: dict[str, RunConfig] = {
     ),
     # minutes on 2 CPU cores: the README run (equal to the run-config defaults in pyproject.toml)
     "default": RunConfig(),
+    # the privacy-utility sweep (simulations.privacy_utility): ~18 systems must fit in an hour on
+    # 2 cores, so fewer image updates and FedAvg rounds; 16 real images per class per step keeps
+    # the DP sampling rate q well below 1 on clients of a few hundred examples
+    "privacy": RunConfig(
+        distill=DistillConfig(iterations=100, batch_real=16),
+        fedavg_rounds=10,
+    ),
     # GPU-scale: ConvNet-128 and long optimisation, as in the papers
     "paper": RunConfig(
         distill=DistillConfig(iterations=20000, model=ModelSpec(width=128)),

@@ -4,6 +4,11 @@ In memory a summary is always float32 at full resolution. On the wire (``to_arra
 can be stored compactly - float16, or uint8 quantised between the summary's own min and
 max, optionally downsampled - and ``from_arrays`` expands it back. The bytes a transport
 counts are those of the arrays ``to_arrays`` returns.
+
+A factorised summary (:mod:`ddcore.factorised`) holds its decoded images in memory but sends
+its factors: ``bases`` (compact like images), ``labels`` of the bases (every decoded image
+has its base's label), and float32 ``hallucinators`` / ``hallucinator-bias`` (tiny, so never
+compacted); the receiver decodes them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ddcore.errors import SummaryError
+from ddcore.factorised import Factors
 
 STORED_DTYPES = ("float32", "float16", "uint8")
 MetaValue = str | int | float | bool
@@ -35,12 +41,27 @@ class Summary:
         Learned per-step learning rates to train on the summary with, or None.
     meta : dict
         method, ipc, dataset, client-id, epsilon/delta when DP, ... (flat, scalar values).
+    factors : Factors | None
+        For a factorised summary, what ``images`` were decoded from (and what is sent).
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     lrs: torch.Tensor | None = None
     meta: dict[str, MetaValue] = field(default_factory=dict)
+    factors: Factors | None = None
+
+    @staticmethod
+    def from_factors(factors: Factors, base_labels: torch.Tensor, lrs: torch.Tensor | None = None,
+                     meta: dict[str, MetaValue] | None = None) -> Summary:
+        """A summary of ``factors`` decoded; ``base_labels`` (b,) or (b, K) repeat per hallucinator."""
+        factors = factors.detached()
+        if base_labels.shape[0] != factors.bases.shape[0]:
+            raise SummaryError(f"{factors.bases.shape[0]} bases but {base_labels.shape[0]} labels")
+        with torch.no_grad():
+            images = factors.decode().contiguous()
+        labels = base_labels.detach().cpu().repeat_interleave(factors.hallucinators, dim=0)
+        return Summary(images, labels, lrs, dict(meta or {}), factors)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -56,29 +77,24 @@ class Summary:
 
     def with_meta(self, **meta: MetaValue) -> Summary:
         """Return a copy with ``meta`` entries added or replaced."""
-        return Summary(self.images, self.labels, self.lrs, {**self.meta, **meta})
+        return Summary(self.images, self.labels, self.lrs, {**self.meta, **meta}, self.factors)
 
     def to_arrays(self, dtype: str = "float32", resolution: int | None = None) -> dict[str, np.ndarray]:
         """Encode for sending: ``images`` in ``dtype`` (and ``resolution`` px), ``labels``, ...
 
         uint8 stores ``round(255 * (x - lo) / (hi - lo))`` with ``image-range = [lo, hi]``.
+        A factorised summary sends ``bases`` (so encoded) and its hallucinators instead of images.
         """
         if dtype not in STORED_DTYPES:
             raise SummaryError(f"unknown summary dtype {dtype!r}; known: {', '.join(STORED_DTYPES)}")
-        images = self.images.detach().float().cpu()
-        if resolution is not None and resolution != images.shape[-1]:
-            if not 1 <= resolution <= images.shape[-1]:
-                raise SummaryError(f"summary resolution must be in [1, {images.shape[-1]}], got {resolution}")
-            images = F.interpolate(images, size=(resolution, resolution), mode="area")
-        arrays: dict[str, np.ndarray] = {}
-        if dtype == "uint8":
-            lo, hi = float(images.min()), float(images.max())
-            scale = (hi - lo) or 1.0
-            arrays["images"] = ((images - lo) / scale * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-            arrays["image-range"] = np.array([lo, hi], dtype=np.float32)
-        else:
-            arrays["images"] = images.numpy().astype(dtype)
         labels = self.labels.detach().cpu()
+        if self.factors is None:
+            arrays = _encode_images("images", self.images, dtype, resolution)
+        else:
+            arrays = _encode_images("bases", self.factors.bases, dtype, resolution)
+            arrays["hallucinators"] = self.factors.weight.detach().float().cpu().numpy()
+            arrays["hallucinator-bias"] = self.factors.bias.detach().float().cpu().numpy()
+            labels = labels[:: self.factors.hallucinators]  # base-major: one label per base
         arrays["labels"] = labels.float().numpy() if self.soft else labels.long().numpy()
         if self.lrs is not None:
             arrays["lrs"] = self.lrs.detach().float().cpu().numpy()
@@ -92,26 +108,12 @@ class Summary:
 
     @staticmethod
     def from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, MetaValue]) -> Summary:
-        """Decode what ``to_arrays`` produced (expanding dtype and resolution)."""
-        for key in ("images", "labels"):
-            if key not in arrays:
-                raise SummaryError(f"summary lacks the {key!r} array")
-        raw = arrays["images"]
-        if raw.ndim != 4:
-            raise SummaryError(f"images must be 4-D (n, C, H, W), got shape {raw.shape}")
-        if raw.dtype == np.uint8:
-            rng = arrays.get("image-range")
-            if rng is None or rng.shape != (2,) or not np.isfinite(rng).all():
-                raise SummaryError("uint8 images need a finite 2-element 'image-range' array")
-            lo, hi = float(rng[0]), float(rng[1])
-            images = torch.from_numpy(raw.astype(np.float32)) / 255 * ((hi - lo) or 1.0) + lo
-        elif raw.dtype in (np.float16, np.float32):
-            images = torch.from_numpy(raw.astype(np.float32))
-        else:
-            raise SummaryError(f"images dtype must be float32, float16 or uint8, got {raw.dtype}")
-        height, width = int(meta.get("height", raw.shape[2])), int(meta.get("width", raw.shape[3]))
-        if images.shape[-2:] != (height, width) and images.shape[0] > 0:
-            images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+        """Decode what ``to_arrays`` produced (expanding dtype and resolution, decoding factors)."""
+        key = "bases" if "bases" in arrays else "images"
+        for needed in (key, "labels"):
+            if needed not in arrays:
+                raise SummaryError(f"summary lacks the {needed!r} array")
+        images = _decode_images(key, arrays[key], arrays.get("image-range"), meta)
         labels_raw = arrays["labels"]
         if labels_raw.dtype == np.int64 and labels_raw.ndim == 1:
             labels = torch.from_numpy(labels_raw.copy())
@@ -122,6 +124,8 @@ class Summary:
                 f"labels must be int64 (n,) or float (n, K); got {labels_raw.dtype} {labels_raw.shape}"
             )
         lrs = torch.from_numpy(arrays["lrs"].astype(np.float32)) if "lrs" in arrays else None
+        if key == "bases":
+            return Summary.from_factors(_factors(images, arrays), labels, lrs, dict(meta))
         return Summary(images.contiguous(), labels, lrs, dict(meta))
 
     def save(self, path: str | Path) -> None:
@@ -153,6 +157,57 @@ class Summary:
             arrays = {k: v.numpy() for k, v in blob["arrays"].items()}
             return Summary.from_arrays(arrays, blob["meta"])
         raise SummaryError(f"summary files end in .pt or .npz, got {path.name}")
+
+
+def _encode_images(key: str, images: torch.Tensor, dtype: str,
+                   resolution: int | None) -> dict[str, np.ndarray]:
+    """``{key: images in dtype at resolution}``, plus ``image-range`` for uint8."""
+    images = images.detach().float().cpu()
+    if resolution is not None and resolution != images.shape[-1]:
+        if not 1 <= resolution <= images.shape[-1]:
+            raise SummaryError(f"summary resolution must be in [1, {images.shape[-1]}], got {resolution}")
+        images = F.interpolate(images, size=(resolution, resolution), mode="area")
+    if dtype != "uint8":
+        return {key: images.numpy().astype(dtype)}
+    lo, hi = float(images.min()), float(images.max())
+    scale = (hi - lo) or 1.0
+    return {key: ((images - lo) / scale * 255).round().clamp(0, 255).to(torch.uint8).numpy(),
+            "image-range": np.array([lo, hi], dtype=np.float32)}
+
+
+def _decode_images(key: str, raw: np.ndarray, rng: np.ndarray | None,
+                   meta: dict[str, MetaValue]) -> torch.Tensor:
+    """float32 (n, C, height, width) from what :func:`_encode_images` stored under ``key``."""
+    if raw.ndim != 4:
+        raise SummaryError(f"{key} must be 4-D (n, C, H, W), got shape {raw.shape}")
+    if raw.dtype == np.uint8:
+        if rng is None or rng.shape != (2,) or not np.isfinite(rng).all():
+            raise SummaryError(f"uint8 {key} need a finite 2-element 'image-range' array")
+        lo, hi = float(rng[0]), float(rng[1])
+        images = torch.from_numpy(raw.astype(np.float32)) / 255 * ((hi - lo) or 1.0) + lo
+    elif raw.dtype in (np.float16, np.float32):
+        images = torch.from_numpy(raw.astype(np.float32))
+    else:
+        raise SummaryError(f"{key} dtype must be float32, float16 or uint8, got {raw.dtype}")
+    height, width = int(meta.get("height", raw.shape[2])), int(meta.get("width", raw.shape[3]))
+    if images.shape[-2:] != (height, width) and images.shape[0] > 0:
+        images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+    return images.contiguous()
+
+
+def _factors(bases: torch.Tensor, arrays: dict[str, np.ndarray]) -> Factors:
+    """Factors from decoded ``bases`` and the float32 hallucinator arrays (shapes checked)."""
+    for key in ("hallucinators", "hallucinator-bias"):
+        if key not in arrays or arrays[key].dtype != np.float32:
+            raise SummaryError(f"a factorised summary needs a float32 {key!r} array")
+    weight, bias = arrays["hallucinators"], arrays["hallucinator-bias"]
+    c = bases.shape[1]
+    h = weight.shape[0] if weight.ndim == 5 else 0
+    if h < 1 or weight.shape[1:3] != (c, c) or weight.shape[3] != weight.shape[4] or weight.shape[3] % 2 == 0:
+        raise SummaryError(f"hallucinators must be (h >= 1, {c}, {c}, k, k) with k odd, got {weight.shape}")
+    if bias.shape != (h, c):
+        raise SummaryError(f"hallucinator-bias must be ({h}, {c}), got {bias.shape}")
+    return Factors(bases, torch.from_numpy(weight.copy()), torch.from_numpy(bias.copy()))
 
 
 def concat(summaries: list[Summary], num_classes: int) -> Summary:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddcore.augment import augment
 from ddcore.data import Dataset
 from privacy.accounting import Accountant, DPPlan
 from privacy.errors import PrivacyError
@@ -30,11 +31,15 @@ def dpsgd_plan(*, num_examples: int, batch_size: int, epochs_per_round: int, rou
 
 
 def dpsgd_train(model: nn.Module, data: Dataset, plan: DPPlan, accountant: Accountant, *, steps: int,
-                lr: float, momentum: float, generator: torch.Generator) -> float:
+                lr: float, momentum: float, generator: torch.Generator, weight_decay: float = 0.0,
+                dsa_strategy: str = "none") -> float:
     """Train ``model`` in place for ``steps`` DP-SGD steps; return the mean (clipped-batch) loss.
 
     Every step is recorded in ``accountant`` (which the caller keeps across rounds). Refuses
     to start if these steps would take the accountant past ``plan.steps`` (the budget).
+    ``weight_decay`` and per-example augmentation (``dsa_strategy``, as plain training uses)
+    do not touch the privacy analysis: the decay is data-independent, and each augmented
+    image still belongs to one example, whose whole gradient is clipped.
     """
     if accountant.steps + steps > plan.steps:
         raise PrivacyError(f"privacy budget exhausted: {accountant.steps} of {plan.steps} planned DP-SGD "
@@ -42,7 +47,7 @@ def dpsgd_train(model: nn.Module, data: Dataset, plan: DPPlan, accountant: Accou
                            "more rounds up front (fedavg-rounds)")
     gsm = grad_sample_module(model)
     params = [p for p in gsm.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     device = params[0].device
     expected = plan.sample_rate * len(data)  # public normaliser: the noisy sum / expected batch size
     gsm.train()
@@ -51,6 +56,7 @@ def dpsgd_train(model: nn.Module, data: Dataset, plan: DPPlan, accountant: Accou
         mask = poisson_mask(len(data), plan.sample_rate, generator)
         x, y = data.x[mask].to(device), data.y[mask].to(device)
         if len(y):
+            x = augment(x, dsa_strategy, generator)
             loss = F.cross_entropy(gsm(x), y, reduction="sum")
             total = clipped_sum(per_sample_gradients(gsm, loss), plan.max_grad_norm)
             losses.append(float(loss.detach()) / len(y))

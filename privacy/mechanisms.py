@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
@@ -71,9 +73,13 @@ def grad_sample_module(model: nn.Module) -> GradSampleModule:
 def per_sample_gradients(gsm: GradSampleModule, loss: torch.Tensor) -> list[torch.Tensor]:
     """Back-propagate a summed ``loss`` through ``gsm`` and take the (k, *shape) gradients out.
 
-    The parameters' ``grad`` and ``grad_sample`` are cleared afterwards.
+    The parameters' ``grad`` and ``grad_sample`` are cleared afterwards. (PyTorch warns that
+    the full backward hooks fire although no input requires a gradient; that is the intended
+    case here - only the parameters' per-sample gradients are wanted - so it is silenced.)
     """
-    loss.backward()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss.backward()
     grads = []
     for p in gsm.parameters():
         if p.requires_grad:

@@ -21,6 +21,7 @@ class ClientRound:
     images: int = 0
     status: str = "sent"  # sent | accepted | rejected | failed
     reason: str = ""
+    privacy: dict = field(default_factory=dict)  # DP runs: epsilon spent so far, delta, sigma, q, steps
 
 
 @dataclass

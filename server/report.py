@@ -54,6 +54,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def markdown(report: dict) -> str:
     """The comparison table (and the verdict) as Markdown."""
     rows = ["| system | final acc (%) | best acc (%) | rounds | up (MiB) | down (MiB) | wall (s) |",
@@ -62,7 +66,25 @@ def markdown(report: dict) -> str:
         rows.append(f"| {name} | {_pct(m['final_accuracy'])} | {_pct(m['best_accuracy'])} | {m['rounds']} "
                     f"| {_mb(m['bytes_up'])} | {_mb(m['bytes_down'])} | {m['wall_seconds']:.1f} |")
     lines = [f"# {report.get('title', 'feddistill report')}", "", *rows, ""]
+    audited = {name: m["leakage"] for name, m in report["methods"].items() if m.get("leakage")}
+    if audited:
+        lines += ["Leakage (membership inference on the global model: loss-threshold attack, "
+                  f"{next(iter(audited.values()))['mia_members']} clients' training examples vs as many "
+                  "held-out ones; memorisation: fraction of pooled images nearer to a private than to a "
+                  "held-out image, 0.5 = no sign):", "",
+                  "| system | MIA AUC | TPR @ 1% FPR | TPR @ 0.1% FPR | LiRA AUC | closer to private |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, leak in audited.items():
+            lira = leak.get("lira") or {}
+            lines.append(f"| {name} | {_num(leak['mia_auc'])} | {_num(leak['mia_tpr_at_1pct_fpr'])} "
+                         f"| {_num(leak['mia_tpr_at_0.1pct_fpr'])} | {_num(lira.get('auc'))} "
+                         f"| {_num(leak['memorisation_closer_to_private'])} |")
+        lines.append("")
     lines += [f"- {v}" for v in report.get("verdicts", [])]
+    res = report.get("resources")
+    if res:
+        lines += ["", f"Whole run: {res['wall_seconds']:.0f} s wall, peak memory "
+                  f"{res['peak_rss_mb']:.0f} MiB ({res['note']})."]
     lines += ["", "Bytes: Flower's `count_bytes()` of every record in every message "
               "(arrays as .npy buffers, plus config and metric entries), both directions, all clients."]
     rejected = [(name, c) for name, m in report["methods"].items() for c in m["clients"]

@@ -27,6 +27,7 @@ class SystemResult:
     wall_seconds: float
     rounds: int
     pooled: Summary | None = None  # the distillation systems' final pool
+    final_state: dict[str, torch.Tensor] | None = None  # the global model after the last good round
 
     def to_dict(self) -> dict:
         accuracies = [h["accuracy"] for h in self.ledger.history]
@@ -41,7 +42,19 @@ class SystemResult:
             "history": self.ledger.history,
             "clients": self.ledger.clients(),
             "round_notes": {str(k): v for k, v in self.ledger.round_notes.items()},
+            "privacy": self.privacy(),
         }
+
+    def privacy(self) -> dict | None:
+        """The DP budget spent: per client its last report, and the worst (largest) epsilon."""
+        last: dict[int, dict] = {}
+        for e in self.ledger.entries:
+            if e.privacy:
+                last[e.client_id] = e.privacy
+        if not last:
+            return None
+        return {"epsilon_spent_max": max(p["epsilon"] for p in last.values()),
+                "per_client": {str(cid): p for cid, p in sorted(last.items())}}
 
 
 def round_config(cfg: RunConfig, num_classes: int) -> ConfigRecord:
@@ -55,21 +68,26 @@ def run_distillation(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "dis
     limits = SummaryLimits.for_data(test.image_shape, test.num_classes, cfg.max_images, test.pixel_bounds())
     strategy = DistillStrategy(cfg, limits, ledger)
     start = time.perf_counter()
-    strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
-                   train_config=round_config(cfg, test.num_classes),
-                   evaluate_fn=evaluate_fn(cfg, test, ledger))
+    result = strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
+                            train_config=round_config(cfg, test.num_classes),
+                            evaluate_fn=evaluate_fn(cfg, test, ledger))
     pooled = strategy.pooled() if strategy.pool else None
-    return SystemResult(name, ledger, time.perf_counter() - start, cfg.rounds, pooled)
+    return SystemResult(name, ledger, time.perf_counter() - start, cfg.rounds, pooled, _state(result.arrays))
 
 
-def run_fedavg(grid: Grid, cfg: RunConfig, test: Dataset) -> SystemResult:
+def run_fedavg(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "fedavg") -> SystemResult:
     """Flower's FedAvg with the same model, partitions and evaluation."""
     ledger = Ledger()
     model = build_model(cfg.distill.model, test.image_shape, test.num_classes,
                         torch.Generator().manual_seed(cfg.partition.seed), "cpu")
     strategy = CountingFedAvg(cfg, ledger)
     start = time.perf_counter()
-    strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg.fedavg_rounds,
-                   timeout=cfg.round_timeout, train_config=round_config(cfg, test.num_classes),
-                   evaluate_fn=evaluate_fn(cfg, test, ledger))
-    return SystemResult("fedavg", ledger, time.perf_counter() - start, cfg.fedavg_rounds)
+    result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg.fedavg_rounds,
+                            timeout=cfg.round_timeout, train_config=round_config(cfg, test.num_classes),
+                            evaluate_fn=evaluate_fn(cfg, test, ledger))
+    return SystemResult(name, ledger, time.perf_counter() - start, cfg.fedavg_rounds,
+                        final_state=_state(result.arrays))
+
+
+def _state(arrays: ArrayRecord) -> dict[str, torch.Tensor] | None:
+    return arrays.to_torch_state_dict() if len(arrays) else None

@@ -24,6 +24,9 @@ from ddcore.train import evaluate, train_model
 from server.ledger import ClientRound, Ledger
 from server.validation import SummaryLimits, validate
 
+# what a DP client reports about the privacy it spent (the accountant's view, whole run so far)
+PRIVACY_KEYS = ("epsilon", "delta", "noise-multiplier", "sample-rate", "steps", "max-grad-norm")
+
 
 def sample_clients(grid: Grid, cfg: RunConfig, server_round: int) -> list[int]:
     """A seeded sample of ``cfg.fraction`` of the federation's ``num-clients`` nodes.
@@ -58,6 +61,7 @@ def read_metrics(entry: ClientRound, metrics: Mapping, seconds_key: str) -> None
     entry.examples = int(metrics.get("num-examples", 0))
     entry.seconds = float(metrics.get(seconds_key, 0.0))
     entry.peak_mb = float(metrics.get("peak-rss-mb", 0.0))
+    entry.privacy = {k: float(metrics[k]) for k in PRIVACY_KEYS if k in metrics}
 
 
 class DistillStrategy(Strategy):

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from logging import INFO
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -83,11 +83,20 @@ def fail(exc: BaseException) -> int:
     return 2
 
 
-def run_in_simulation(cfg: RunConfig, test, systems: list[tuple[str, RunConfig]], fedavg: bool,
-                      client_app: ClientApp | None = None) -> dict:
-    """Run the distillation ``systems`` (and FedAvg) one after another in one simulation.
+class System(NamedTuple):
+    """One system a simulation runs: a name for the report, its kind, and its settings."""
 
-    ``client_app`` replaces the real :mod:`client.app` (tests inject faulty clients this way).
+    name: str
+    kind: str  # "distill" (summaries pooled by the server) or "fedavg" (Flower's FedAvg)
+    cfg: RunConfig
+
+
+def run_in_simulation(cfg: RunConfig, test, systems: list[System],
+                      client_app: ClientApp | None = None) -> dict:
+    """Run ``systems`` one after another in one simulation of ``cfg``'s clients.
+
+    Every system sees the same virtual SuperNodes (so the same partitions). ``client_app``
+    replaces the real :mod:`client.app` (tests inject faulty clients this way).
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from flwr.app import Context
@@ -98,23 +107,28 @@ def run_in_simulation(cfg: RunConfig, test, systems: list[tuple[str, RunConfig]]
     from client.app import app as default_client_app
     from server.run import run_distillation, run_fedavg
 
+    unknown = [s.kind for s in systems if s.kind not in ("distill", "fedavg")]
+    if unknown:
+        raise ConfigError(f"unknown system kind(s) {unknown}; known: distill, fedavg")
     results: dict = {}
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        for name, system_cfg in systems:
-            log(INFO, "=== %s: %s, ipc %d ===", name, system_cfg.distill.method, system_cfg.distill.ipc)
-            results[name] = run_distillation(grid, system_cfg, test, name=name)
-        if fedavg:
-            log(INFO, "=== fedavg: %d rounds ===", cfg.fedavg_rounds)
-            results["fedavg"] = run_fedavg(grid, cfg, test)
+        for system in systems:
+            c = system.cfg
+            if system.kind == "distill":
+                log(INFO, "=== %s: %s, ipc %d ===", system.name, c.distill.method, c.distill.ipc)
+                results[system.name] = run_distillation(grid, c, test, name=system.name)
+            else:
+                log(INFO, "=== %s: FedAvg, %d rounds ===", system.name, c.fedavg_rounds)
+                results[system.name] = run_fedavg(grid, c, test, name=system.name)
 
     gpus = 1.0 / 2 if cfg.distill.device.startswith("cuda") else 0.0
     run_simulation(server_app=server_app, client_app=client_app or default_client_app,
                    num_supernodes=cfg.partition.num_partitions,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus}})
-    missing = [name for name, _ in systems if name not in results]
+    missing = [s.name for s in systems if s.name not in results]
     if missing:
         raise RuntimeError(f"the simulation ended without results for {missing}; see the log above")
     return results

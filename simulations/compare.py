@@ -14,7 +14,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ddcore.errors import ConfigError
+from ddcore.methods.options import without_options
+from ddcore.profile import measure_tree
 from simulations.common import (
+    System,
     add_run_flags,
     check_partitions,
     config_from_args,
@@ -27,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulations.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder for the report")
+    parser.add_argument("--audit-samples", type=int, default=500,
+                        help="members and non-members each in the membership audit (0 = no audit)")
+    parser.add_argument("--lira-shadows", type=int, default=0,
+                        help="LiRA shadow models for the FedAvg row (even; default 0 = loss-threshold only)")
     add_run_flags(parser)
     return parser
 
@@ -54,21 +62,48 @@ def verdicts(methods: dict, ipc: int, test_size: int) -> list[str]:
     return out
 
 
+def leakage(system: System, result, splits, args: argparse.Namespace) -> dict:
+    """Membership inference on the system's global model and memorisation of its pooled summary."""
+    from privacy.audit import audit_samples, audit_system
+
+    members, nonmembers = audit_samples(splits, args.audit_samples, seed=system.cfg.partition.seed)
+    audit = audit_system(system.cfg, system.kind, result.final_state, result.pooled, splits, members,
+                         nonmembers, lira_shadows=args.lira_shadows)
+    loss = (audit["mia"] or {}).get("loss_threshold", {})
+    return {"mia_attack": "loss-threshold", "mia_auc": loss.get("auc"),
+            "mia_tpr_at_1pct_fpr": loss.get("tpr_at_1pct_fpr"),
+            "mia_tpr_at_0.1pct_fpr": loss.get("tpr_at_0_1pct_fpr"), "mia_members": len(members),
+            "lira": (audit["mia"] or {}).get("lira"),
+            "memorisation_closer_to_private": (audit["memorisation"] or {}).get("closer_to_private_l2"),
+            "memorisation": audit["memorisation"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.audit_samples < 0 or args.lira_shadows < 0 or args.lira_shadows % 2:
+            raise ConfigError("--audit-samples must be >= 0 and --lira-shadows even and >= 0")
         cfg = config_from_args(args)
         splits = check_partitions(cfg)
     except ValueError as exc:
         return fail(exc)
-    random_real = replace(cfg, distill=replace(cfg.distill, method="random_real"))
-    systems = [("distill", cfg), ("random_real", random_real)]
-    results = run_in_simulation(cfg, splits.test, systems, fedavg=cfg.fedavg_rounds > 0)
+    plain = without_options(replace(cfg.distill, method="random_real", factorised=False))  # hard labels
+    random_real = replace(cfg, distill=plain)
+    systems = [System("distill", "distill", cfg), System("random_real", "distill", random_real)]
+    if cfg.fedavg_rounds > 0:
+        systems.append(System("fedavg", "fedavg", cfg))
+    with measure_tree() as usage:
+        results = run_in_simulation(cfg, splits.test, systems)
     methods = {name: res.to_dict() for name, res in results.items()}
+    if args.audit_samples:
+        for system in systems:
+            methods[system.name]["leakage"] = leakage(system, results[system.name], splits, args)
     report = {
         "title": f"feddistill compare: {cfg.distill.method} vs FedAvg vs random real ({cfg.dataset})",
         "config": args.flat,
         "environment": args.environment,
+        "resources": {"wall_seconds": usage.seconds, "peak_rss_mb": usage.peak_rss_mb,
+                      "note": "whole simulation: driver plus Ray processes, RSS summed, sampled every 0.5 s"},
         "methods": methods,
         "verdicts": verdicts(methods, cfg.distill.ipc, len(splits.test)),
     }

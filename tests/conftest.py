@@ -20,7 +20,8 @@ def blobs(n_per_class: int = 20, num_classes: int = 3, size: int = 8, seed: int 
         x[:, :, r * half:(r + 1) * half, q * half:(q + 1) * half] += 2.0
         xs.append(x)
         ys.append(torch.full((n_per_class,), c, dtype=torch.long))
-    return Dataset(torch.cat(xs), torch.cat(ys), num_classes, (0.0,), (1.0,), "blobs")
+    # mean 0.5, std 0.1: pixels in [0, 1] map to [-5, 5], which holds every blob value
+    return Dataset(torch.cat(xs), torch.cat(ys), num_classes, (0.5,), (0.1,), "blobs")
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 
 from ddcore.runconfig import from_flat, run_preset
 from server.validation import SummaryLimits
-from simulations.common import check_partitions, run_in_simulation
+from simulations.common import System, check_partitions, run_in_simulation
 from tests.faulty_client import FAULTS, make_app
 
 MIN_CLIENTS = 5
@@ -46,7 +46,7 @@ def test_rounds_survive_faulty_clients_and_a_starved_round_keeps_previous_result
                      "rounds": 5, "max-images": 40, "round-timeout": 45.0, "fedavg-rounds": 0},
                     base=run_preset("quick"))
     splits = check_partitions(cfg)
-    result = run_in_simulation(cfg, splits.test, [("distill", cfg)], fedavg=False,
+    result = run_in_simulation(cfg, splits.test, [System("distill", "distill", cfg)],
                                client_app=make_app(PLAN))["distill"]
     ledger = result.ledger
 

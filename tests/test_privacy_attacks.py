@@ -79,19 +79,24 @@ def test_memorisation_flags_copies_and_not_fresh_images(digits) -> None:
     assert copied.num_reference == 300 and copied.num_synthetic == 40
 
 
+def leaked_gradient(model, x, y, lr: float = 0.1) -> list[torch.Tensor]:
+    """The gradient the server reads off a client's FedAvg update of one plain SGD step on (x, y)."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_parameters()]
+    grads = client_gradient(model, x, y)
+    with torch.no_grad():
+        for p, grad in zip(model.parameters(), grads, strict=True):
+            p -= lr * grad
+    target = update_to_gradient(before, model.state_dict(), lr, names)
+    model.load_state_dict(before)  # the attacker holds the global model the client started from
+    return target
+
+
 def test_inversion_of_a_batch_1_update_recovers_the_image(digits, tmp_path) -> None:
     g = torch.Generator().manual_seed(0)
     model = build_model(SPEC, digits.train.image_shape, digits.train.num_classes, g)
     x, y = digits.train.x[:1], digits.train.y[:1]
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    names = [n for n, _ in model.named_parameters()]
-    lr = 0.1
-    grads = client_gradient(model, x, y)
-    with torch.no_grad():  # the client's FedAvg update: one plain SGD step on its batch
-        for p, grad in zip(model.parameters(), grads, strict=True):
-            p -= lr * grad
-    target = update_to_gradient(before, model.state_dict(), lr, names)
-    model.load_state_dict(before)
+    target = leaked_gradient(model, x, y)
     recon = invert_gradient(model, target, y, digits.train.image_shape, steps=200, restarts=1, generator=g)
     result = score_reconstruction(recon, x, digits.train)
     chance = score_reconstruction(torch.randn(x.shape, generator=g), x, digits.train)
@@ -99,3 +104,22 @@ def test_inversion_of_a_batch_1_update_recovers_the_image(digits, tmp_path) -> N
     assert result.ssim > 0.8
     save_comparison(x, result.images, digits.train, tmp_path / "inv.png")
     assert (tmp_path / "inv.png").stat().st_size > 0
+
+
+def test_inversion_of_a_batch_8_update_recovers_the_images(digits) -> None:
+    g = torch.Generator().manual_seed(0)
+    # one image of each of 8 classes: a repeated label leaves the attack to untangle a summed gradient
+    first = {}
+    for i in torch.randperm(len(digits.train), generator=g).tolist():
+        first.setdefault(int(digits.train.y[i]), i)
+    idx = torch.tensor([first[c] for c in range(8)])
+    x, y = digits.train.x[idx], digits.train.y[idx]
+    model = build_model(SPEC, digits.train.image_shape, digits.train.num_classes, g)
+    target = leaked_gradient(model, x, y)
+    recon = invert_gradient(model, target, y, digits.train.image_shape, steps=300, restarts=2, generator=g)
+    result = score_reconstruction(recon, x, digits.train)
+    chance = score_reconstruction(torch.randn(x.shape, generator=g), x, digits.train)  # matched the same way
+    # seeds 0-4 give 22.3-28.6 dB (SSIM >= 0.96) against 6.6-7.2 dB for random images
+    assert result.psnr > chance.psnr + 10 and result.psnr > 18, (result.psnr, chance.psnr)
+    assert result.ssim > 0.85 and result.ssim > chance.ssim + 0.5, (result.ssim, chance.ssim)
+    assert result.images.shape == x.shape

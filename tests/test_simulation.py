@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ddcore.runconfig import from_flat, run_preset
-from simulations.common import check_partitions, run_in_simulation
+from simulations.common import System, check_partitions, run_in_simulation
 from simulations.compare import main as compare_main
 
 
@@ -14,7 +14,8 @@ def test_three_client_rounds_count_the_bytes_actually_sent(tmp_path) -> None:
     cfg = from_flat({"dataset": "digits", "num-clients": 3, "ipc": 2, "rounds": 2, "fedavg-rounds": 1,
                      "min-clients": 3}, base=run_preset("quick"))
     splits = check_partitions(cfg)
-    results = run_in_simulation(cfg, splits.test, [("distill", cfg)], fedavg=True)
+    systems = [System("distill", "distill", cfg), System("fedavg", "fedavg", cfg)]
+    results = run_in_simulation(cfg, splits.test, systems)
 
     distill = results["distill"]
     first = [e for e in distill.ledger.entries if e.round == 1]

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.errors import ConfigError
+from ddcore.methods.options import check_options, options_meta
+from ddcore.methods.soft_labels import teacher_labels
 from ddcore.models import ModelFactory
 from ddcore.registry import Registry
 from ddcore.summary import Summary
@@ -21,7 +23,15 @@ from ddcore.train import Progress
 
 Method = Callable[[Dataset, ModelFactory, DistillConfig, Summary | None, Progress | None], Summary]
 METHODS: Registry[Method] = Registry("method")
-register_method = METHODS.register
+FACTORISED: set[str] = set()  # methods that can optimise a factorised summary (cfg.factorised)
+
+
+def register_method(name: str, factorised: bool = False) -> Callable[[Method], Method]:
+    """Register a method under ``name``; ``factorised=True`` if it honours ``cfg.factorised``."""
+    if factorised:
+        FACTORISED.add(name)
+    return METHODS.register(name)
+
 
 for _module in ("random_real", "herding", "dm", "gm", "dd", "mtt", "iadd"):
     importlib.import_module(f"ddcore.methods.{_module}")
@@ -49,8 +59,21 @@ def distill(
     init: Summary | None = None,
     progress: Progress | None = None,
 ) -> Summary:
-    """Distill ``data`` with the method ``cfg`` names (its DP variant if DP is on)."""
-    return METHODS.get(method_name(cfg))(data, model_factory, cfg, init, progress)
+    """Distill ``data`` with the method ``cfg`` names (its DP variant if DP is on).
+
+    The method applies the options it supports (:mod:`ddcore.methods.options`; any other raises);
+    teacher soft labels relabel the finished summary, whatever the method.
+    """
+    name = method_name(cfg)
+    method = METHODS.get(name)
+    if cfg.factorised and name not in FACTORISED:
+        raise ConfigError(f"method {name!r} cannot make a factorised summary; use one of "
+                          f"{', '.join(sorted(FACTORISED))} or drop factorised (--factorised)")
+    check_options(name, cfg)
+    summary = method(data, model_factory, cfg, init, progress)
+    if cfg.soft_labels == "teacher":
+        summary = teacher_labels(summary, data, model_factory, cfg)
+    return summary.with_meta(**options_meta(cfg))
 
 
-__all__ = ["METHODS", "Method", "distill", "method_name", "register_method"]
+__all__ = ["FACTORISED", "METHODS", "Method", "distill", "method_name", "register_method"]

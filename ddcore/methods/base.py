@@ -7,6 +7,7 @@ import torch
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.errors import ConfigError
+from ddcore.factorised import Factors, init_hallucinators
 from ddcore.summary import Summary
 
 
@@ -68,11 +69,79 @@ def start(
 
 
 def make_summary(images: torch.Tensor, labels: torch.Tensor, data: Dataset, cfg: DistillConfig) -> Summary:
-    """Wrap the finished tensors with the metadata every summary carries."""
+    """Wrap the finished tensors with the metadata every summary carries.
+
+    The images are clamped to the values a real pixel can take (``data.pixel_bounds()``): a
+    summary is a set of images, and optimisation (noise starts, DP noise) can push values far
+    outside, which the server rejects. Clamping is post-processing: no privacy cost.
+    """
     return Summary(
-        images.detach().cpu().float().contiguous(),
+        images.detach().cpu().float().clamp(*data.pixel_bounds()).contiguous(),
         labels.detach().cpu(),
         None,
         {"method": cfg.method, "ipc": cfg.ipc, "dataset": data.name, "seed": cfg.seed,
          "num-classes": data.num_classes, "init": cfg.init},
     )
+
+
+class Synthetic:
+    """What a method optimises: the images themselves, or factors decoded into images.
+
+    A method steps ``param_groups(lr)`` and reads ``images()`` (differentiable, recomputed
+    after every step) with ``labels``; plain sets return their leaf tensor, factorised ones
+    (``cfg.factorised``, :mod:`ddcore.factorised`) decode bases and hallucinators.
+    """
+
+    def __init__(self, leaves: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
+                 hallucinators: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.leaves = leaves  # (n, C, H, W) images, or (b, C, H, W) bases
+        self.hallucinators = hallucinators  # weight (h, C, C, k, k) and bias (h, C), leaf tensors
+        self.factor_lr = cfg.factor_lr
+        h = 1 if hallucinators is None else hallucinators[0].shape[0]
+        self.labels = labels.repeat_interleave(h)  # base-major, like the decoded images
+
+    @staticmethod
+    def wrap(images: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
+             generator: torch.Generator) -> Synthetic:
+        """``images`` as they are, or as the bases of new hallucinators when ``cfg.factorised``."""
+        if not cfg.factorised:
+            return Synthetic(images, labels, cfg)
+        weight, bias = init_hallucinators(cfg.factor_hallucinators, images.shape[1], generator)
+        leaves = (weight.to(images.device).requires_grad_(True), bias.to(images.device).requires_grad_(True))
+        return Synthetic(images, labels, cfg, leaves)
+
+    def images(self) -> torch.Tensor:
+        """The synthetic images (n, C, H, W), differentiable in the leaves."""
+        if self.hallucinators is None:
+            return self.leaves
+        return Factors(self.leaves, *self.hallucinators).decode()
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimiser groups: the images or bases at ``lr``, hallucinators at ``lr * factor_lr``."""
+        groups = [{"params": [self.leaves], "lr": lr}]
+        if self.hallucinators is not None:
+            groups.append({"params": list(self.hallucinators), "lr": lr * self.factor_lr})
+        return groups
+
+    def summary(self, data: Dataset, cfg: DistillConfig) -> Summary:
+        """The finished set as a :class:`Summary` (factorised ones keep their factors)."""
+        if self.hallucinators is None:
+            return make_summary(self.leaves, self.labels, data, cfg)
+        h = self.hallucinators[0].shape[0]
+        plain = make_summary(self.leaves, self.labels[::h], data, cfg)  # its images: the clamped bases
+        return Summary.from_factors(Factors(plain.images, *self.hallucinators), plain.labels, None,
+                                    {**plain.meta, "factorised": True, "factor-hallucinators": h})
+
+
+def start_synthetic(data: Dataset, cfg: DistillConfig, init: Summary | None,
+                    generator: torch.Generator) -> Synthetic:
+    """The :class:`Synthetic` set to start from (see :func:`start`); factorised ones resume factors."""
+    if not (cfg.factorised and init is not None):
+        return Synthetic.wrap(*start(data, cfg, init, generator), cfg, generator)
+    if init.factors is None:
+        raise ConfigError("factorised distillation resumes only from a factorised summary; "
+                          "start without one or drop factorised")
+    f = init.factors
+    bases, weight, bias = (t.detach().clone().to(cfg.device).requires_grad_(True)
+                           for t in (f.bases, f.weight, f.bias))
+    return Synthetic(bases, init.hard_labels()[:: f.hallucinators].to(cfg.device), cfg, (weight, bias))

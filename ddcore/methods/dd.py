@@ -12,7 +12,9 @@ from torch.func import functional_call
 from ddcore.config import DistillConfig, TrainConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import ClassIndex, make_summary, start
+from ddcore.methods.base import ClassIndex, start_synthetic
+from ddcore.methods.options import ImageOptions
+from ddcore.methods.soft_labels import Targets
 from ddcore.methods.unroll import params_of, unroll
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
@@ -50,24 +52,26 @@ def distill(
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     index = ClassIndex(data.y, data.num_classes)
-    images, labels = start(data, cfg, init, generator)
-    classes = sorted(set(labels.tolist()))
+    synthetic = start_synthetic(data, cfg, init, generator)
+    options = ImageOptions(synthetic, data, cfg, generator)  # before the optimiser: may resize the leaves
+    targets = Targets(synthetic.labels, data.num_classes, cfg, init)  # hard, or learned soft labels
+    classes = sorted(set(synthetic.labels.tolist()))
     log_lrs = initial_log_lrs(cfg, init).requires_grad_(True)  # (syn_steps,)
-    opt = torch.optim.Adam([{"params": [images], "lr": cfg.lr_or(0.01)},
-                            {"params": [log_lrs], "lr": cfg.lr_lr}])
+    opt = torch.optim.Adam([*synthetic.param_groups(cfg.lr_or(0.01)), {"params": [log_lrs], "lr": cfg.lr_lr},
+                            *targets.param_groups()])
     fixed = model_factory(generator) if cfg.dd_fixed_init else None
     for it in range(cfg.iterations):
         net = fixed if fixed is not None else model_factory(generator)
-        trained = unroll(net, params_of(net), images, labels, log_lrs.exp(), cfg.dsa_strategy, generator)
-        idx = torch.cat([index.sample(c, cfg.dd_batch_real, generator) for c in classes])
-        real_x, real_y = data.x[idx].to(cfg.device), data.y[idx].to(cfg.device)  # (b, C, H, W), (b,)
-        loss = F.cross_entropy(functional_call(net, trained, (real_x,)), real_y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with options.autocast():
+            trained = unroll(net, params_of(net), options.images(), targets.current(), log_lrs.exp(),
+                             cfg.dsa_strategy, generator)
+            idx = torch.cat([index.sample(c, cfg.dd_batch_real, generator) for c in classes])
+            real_x, real_y = data.x[idx].to(cfg.device), data.y[idx].to(cfg.device)  # (b, C, H, W), (b,)
+            loss = F.cross_entropy(functional_call(net, trained, (real_x,)), real_y)
+        options.step(loss, opt)
         if progress is not None:
             lr = float(log_lrs.detach().exp().mean())
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach()), "lr": lr})
-    summary = make_summary(images, labels, data, cfg).with_meta(
+    summary = targets.finish(synthetic.summary(data, cfg)).with_meta(
         **{"fixed-init": cfg.dd_fixed_init, "lrs-momentum": TRAIN_MOMENTUM})
     return replace(summary, lrs=to_trainer_lrs(log_lrs.detach().exp()).cpu())

@@ -8,7 +8,8 @@ from ddcore.augment import apply, sample_params
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import ClassIndex, make_summary, start
+from ddcore.methods.base import ClassIndex, start_synthetic
+from ddcore.methods.options import ImageOptions
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
 from ddcore.train import Progress
@@ -36,10 +37,11 @@ def embed_pair(
 
 def dm_loss(real_emb: list[torch.Tensor], syn_emb: list[torch.Tensor]) -> torch.Tensor:
     """Sum over classes of the squared distance between mean embeddings."""
-    return sum(((r.mean(0) - s.mean(0)) ** 2).sum() for r, s in zip(real_emb, syn_emb, strict=True))
+    return sum(((r.float().mean(0) - s.float().mean(0)) ** 2).sum()  # float: exact under autocast
+               for r, s in zip(real_emb, syn_emb, strict=True))
 
 
-@register_method("dm")
+@register_method("dm", factorised=True)
 def distill(
     data: Dataset,
     model_factory: ModelFactory,
@@ -50,18 +52,20 @@ def distill(
     """Optimise the synthetic images so every class's mean embedding matches the real one."""
     generator = torch.Generator().manual_seed(cfg.seed)
     index = ClassIndex(data.y, data.num_classes)
-    images, labels = start(data, cfg, init, generator)
+    synthetic = start_synthetic(data, cfg, init, generator)
+    options = ImageOptions(synthetic, data, cfg, generator)  # before the optimiser: may resize the leaves
+    labels = synthetic.labels
     classes = sorted(set(labels.tolist()))
-    opt = torch.optim.SGD([images], lr=cfg.lr_or(1.0), momentum=0.5)
+    opt = torch.optim.SGD(synthetic.param_groups(cfg.lr_or(1.0)), momentum=0.5)
     for it in range(cfg.iterations):
         net = model_factory(generator).train()
         net.requires_grad_(False)  # only the images learn; skips parameter gradients
         real = [data.x[index.sample(c, cfg.batch_real, generator)].to(cfg.device) for c in classes]
+        images = options.images()
         syn = [images[labels == c] for c in classes]
-        loss = dm_loss(*embed_pair(net, real, syn, cfg.dsa_strategy, generator))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with options.autocast():
+            loss = dm_loss(*embed_pair(net, real, syn, cfg.dsa_strategy, generator))
+        options.step(loss, opt)
         if progress is not None:
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach())})
-    return make_summary(images, labels, data, cfg)
+    return synthetic.summary(data, cfg)

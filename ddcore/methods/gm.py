@@ -9,7 +9,8 @@ from ddcore.augment import apply, augment, sample_params
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import ClassIndex, make_summary, start
+from ddcore.methods.base import ClassIndex, start_synthetic
+from ddcore.methods.options import ImageOptions
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
 from ddcore.train import Progress
@@ -64,7 +65,7 @@ def train_on_synthetic(net: torch.nn.Module, opt: torch.optim.Optimizer, images:
         opt.step()
 
 
-@register_method("gm")
+@register_method("gm", factorised=True)
 def distill(
     data: Dataset,
     model_factory: ModelFactory,
@@ -80,22 +81,24 @@ def distill(
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     index = ClassIndex(data.y, data.num_classes)
-    images, labels = start(data, cfg, init, generator)
+    synthetic = start_synthetic(data, cfg, init, generator)
+    options = ImageOptions(synthetic, data, cfg, generator)  # before the optimiser: may resize the leaves
+    labels = synthetic.labels
     classes = sorted(set(labels.tolist()))
-    opt_img = torch.optim.SGD([images], lr=cfg.lr_or(0.1), momentum=0.5)
+    opt_img = torch.optim.SGD(synthetic.param_groups(cfg.lr_or(0.1)), momentum=0.5)
     net, opt_net = None, None
     for it in range(cfg.iterations):
         if it % cfg.outer_loop == 0:
             net = model_factory(generator).train()
             opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net, momentum=0.5)
         real = [data.x[index.sample(c, cfg.batch_real, generator)].to(cfg.device) for c in classes]
+        images = options.images()
         syn = [images[labels == c] for c in classes]
-        loss = gm_loss(net, real, syn, classes, cfg.dsa_strategy, generator)
-        opt_img.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_img.step()
+        with options.autocast():
+            loss = gm_loss(net, real, syn, classes, cfg.dsa_strategy, generator)
+        options.step(loss, opt_img)
         if (it + 1) % cfg.outer_loop != 0:  # move the network along its training trajectory
-            train_on_synthetic(net, opt_net, images.detach(), labels, cfg, generator)
+            train_on_synthetic(net, opt_net, options.images().detach(), labels, cfg, generator)
         if progress is not None:
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach())})
-    return make_summary(images, labels, data, cfg)
+    return synthetic.summary(data, cfg)

@@ -7,8 +7,10 @@ import torch
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import make_summary, start
+from ddcore.methods.base import start_synthetic
 from ddcore.methods.mtt import expert_trajectories, initial_log_lr, match_distances
+from ddcore.methods.options import ImageOptions
+from ddcore.methods.soft_labels import Targets
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
 from ddcore.train import Progress
@@ -47,22 +49,23 @@ def distill(
     The final importances go into the summary's meta as ``importance:<parameter name>``.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
-    images, labels = start(data, cfg, init, generator)
+    synthetic = start_synthetic(data, cfg, init, generator)
+    options = ImageOptions(synthetic, data, cfg, generator)  # before the optimiser: may resize the leaves
+    targets = Targets(synthetic.labels, data.num_classes, cfg, init)  # hard, or learned soft labels
     experts = expert_trajectories(data, model_factory, cfg, generator)
     net = model_factory(generator)  # the architecture for functional calls
     names = list(experts[0][0])
     logits = torch.zeros(len(names), device=cfg.device, requires_grad=True)  # (T,)
     alive = torch.ones(len(names), dtype=torch.bool, device=cfg.device)
     log_lr = initial_log_lr(data, cfg).requires_grad_(True)
-    opt = torch.optim.Adam([{"params": [images], "lr": cfg.lr_or(0.01)},
-                            {"params": [log_lr], "lr": cfg.lr_lr},
-                            {"params": [logits], "lr": cfg.iadd_lr_importance}])
+    opt = torch.optim.Adam([*synthetic.param_groups(cfg.lr_or(0.01)), {"params": [log_lr], "lr": cfg.lr_lr},
+                            {"params": [logits], "lr": cfg.iadd_lr_importance}, *targets.param_groups()])
     for it in range(cfg.iterations):
-        num, den = match_distances(net, experts, images, labels, log_lr, cfg, generator)
-        loss = weighted_match_loss(num, den, importances(logits, alive))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with options.autocast():
+            num, den = match_distances(net, experts, options.images(), targets.current(), log_lr, cfg,
+                                       generator)
+            loss = weighted_match_loss(num, den, importances(logits, alive))
+        options.step(loss, opt)
         with torch.no_grad():
             alive = prune(importances(logits, alive), alive, cfg.iadd_prune)
         if progress is not None:
@@ -70,4 +73,4 @@ def distill(
     weights = importances(logits.detach(), alive).cpu()
     meta = {f"importance:{name}": float(w) for name, w in zip(names, weights, strict=True)}
     meta.update({"syn-lr": float(log_lr.detach().exp()), "pruned-tensors": int((~alive).sum())})
-    return make_summary(images, labels, data, cfg).with_meta(**meta)
+    return targets.finish(synthetic.summary(data, cfg)).with_meta(**meta)

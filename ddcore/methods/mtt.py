@@ -10,7 +10,9 @@ import torch
 from ddcore.config import DistillConfig, TrainConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import make_summary, start
+from ddcore.methods.base import start_synthetic
+from ddcore.methods.options import ImageOptions
+from ddcore.methods.soft_labels import Targets
 from ddcore.methods.unroll import Params, params_of, tensor_distances, unroll
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
@@ -83,19 +85,22 @@ def distill(
     Experts are trained on ``data`` once per call and kept only for the call.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
-    images, labels = start(data, cfg, init, generator)
+    synthetic = start_synthetic(data, cfg, init, generator)
+    options = ImageOptions(synthetic, data, cfg, generator)  # before the optimiser: may resize the leaves
+    targets = Targets(synthetic.labels, data.num_classes, cfg, init)  # hard, or learned soft labels
     experts = expert_trajectories(data, model_factory, cfg, generator)
     net = model_factory(generator)  # the architecture for functional calls; its weights are unused
     log_lr = initial_log_lr(data, cfg).requires_grad_(True)
-    opt = torch.optim.Adam([{"params": [images], "lr": cfg.lr_or(0.01)},
-                            {"params": [log_lr], "lr": cfg.lr_lr}])
+    opt = torch.optim.Adam([*synthetic.param_groups(cfg.lr_or(0.01)), {"params": [log_lr], "lr": cfg.lr_lr},
+                            *targets.param_groups()])
     for it in range(cfg.iterations):
-        num, den = match_distances(net, experts, images, labels, log_lr, cfg, generator)
-        loss = num.sum() / den.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with options.autocast():
+            num, den = match_distances(net, experts, options.images(), targets.current(), log_lr, cfg,
+                                       generator)
+            loss = num.sum() / den.sum()
+        options.step(loss, opt)
         if progress is not None:
             lr = float(log_lr.detach().exp())
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach()), "lr": lr})
-    return make_summary(images, labels, data, cfg).with_meta(**{"syn-lr": float(log_lr.detach().exp())})
+    summary = targets.finish(synthetic.summary(data, cfg))
+    return summary.with_meta(**{"syn-lr": float(log_lr.detach().exp())})

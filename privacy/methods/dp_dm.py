@@ -10,7 +10,7 @@ from ddcore.augment import apply, sample_params
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import make_summary
+from ddcore.methods.base import Synthetic
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
 from ddcore.train import Progress
@@ -33,7 +33,7 @@ def noisy_class_mean(emb: torch.Tensor, plan: DPPlan, generator: torch.Generator
     return total[:-1] / count
 
 
-@register_method("dp-dm")
+@register_method("dp-dm", factorised=True)
 def distill(
     data: Dataset,
     model_factory: ModelFactory,
@@ -50,14 +50,16 @@ def distill(
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     plan = dp_plan(data, cfg, model_factory)
-    images, labels = private_start(data, cfg, init, generator)
+    synthetic = Synthetic.wrap(*private_start(data, cfg, init, generator), cfg, generator)
+    labels = synthetic.labels
     half = plan.max_grad_norm / math.sqrt(2)
     accountant = Accountant()
-    opt = torch.optim.SGD([images], lr=cfg.lr_or(50.0), momentum=0.5)
+    opt = torch.optim.SGD(synthetic.param_groups(cfg.lr_or(50.0)), momentum=0.5)
     for it in range(cfg.iterations):
         net = check_model(model_factory(generator).train())
         net.requires_grad_(False)
         mask = poisson_mask(len(data), plan.sample_rate, generator)
+        images = synthetic.images()
         loss = torch.zeros((), device=images.device)
         for c in range(data.num_classes):
             aug = sample_params(cfg.dsa_strategy, 1, generator)
@@ -75,5 +77,5 @@ def distill(
         opt.step()
         if progress is not None:
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach())})
-    summary = make_summary(images, labels, data, cfg)
+    summary = synthetic.summary(data, cfg)
     return summary.with_meta(method="dp-dm", **privacy_meta(plan, accountant))

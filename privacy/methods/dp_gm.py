@@ -10,7 +10,7 @@ from ddcore.augment import apply, sample_params
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import make_summary
+from ddcore.methods.base import Synthetic
 from ddcore.methods.gm import class_gradient, gradient_distance, train_on_synthetic
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
@@ -41,7 +41,7 @@ def noisy_class_gradient(gsm: GradSampleModule, x: torch.Tensor, c: int, plan: D
     return add_noise(total, plan.noise_multiplier * plan.max_grad_norm, generator)
 
 
-@register_method("dp-gm")
+@register_method("dp-gm", factorised=True)
 def distill(
     data: Dataset,
     model_factory: ModelFactory,
@@ -59,10 +59,11 @@ def distill(
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     plan = dp_plan(data, cfg, model_factory)
-    images, labels = private_start(data, cfg, init, generator)
+    synthetic = Synthetic.wrap(*private_start(data, cfg, init, generator), cfg, generator)
+    labels = synthetic.labels
     classes = list(range(data.num_classes))
     accountant = Accountant()
-    opt_img = torch.optim.SGD([images], lr=cfg.lr_or(0.1), momentum=0.5)
+    opt_img = torch.optim.SGD(synthetic.param_groups(cfg.lr_or(0.1)), momentum=0.5)
     gsm, opt_net = None, None
     for it in range(cfg.iterations):
         if it % cfg.outer_loop == 0:
@@ -70,6 +71,7 @@ def distill(
             gsm.disable_hooks()  # per-sample gradients only inside noisy_class_gradient
             opt_net = torch.optim.SGD(gsm.parameters(), lr=cfg.lr_net, momentum=0.5)
         mask = poisson_mask(len(data), plan.sample_rate, generator)
+        images = synthetic.images()
         loss = torch.zeros((), device=images.device)
         for c in classes:
             aug = sample_params(cfg.dsa_strategy, 1, generator)
@@ -83,8 +85,8 @@ def distill(
         loss.backward()
         opt_img.step()
         if (it + 1) % cfg.outer_loop != 0:  # train the network on the (already private) synthetic set
-            train_on_synthetic(gsm, opt_net, images.detach(), labels, cfg, generator)
+            train_on_synthetic(gsm, opt_net, synthetic.images().detach(), labels, cfg, generator)
         if progress is not None:
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach())})
-    summary = make_summary(images, labels, data, cfg)
+    summary = synthetic.summary(data, cfg)
     return summary.with_meta(method="dp-gm", **privacy_meta(plan, accountant))

@@ -1,0 +1,324 @@
+"""Privacy vs utility: DP distillation (gradient and distribution matching) and DP-FedAvg per epsilon.
+
+    python -m simulations.privacy_utility --epsilons 1,2,4,8,inf --out runs/privacy
+
+For each method (``--methods``, default gm,dm,fedavg) the sweep runs its non-DP version and
+its DP version at every target epsilon (per client, over the whole run; ``inf`` = the DP code
+path with clipping but no noise), all on the same partitions in one Flower simulation. Every
+finished system is then audited: membership inference on its global model (loss threshold;
+LiRA with shadow models for the FedAvg rows), memorisation of its pooled summary, and
+gradient inversion of a FedAvg client update with and without DP. Writes report.json,
+report.md and plots into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ddcore.data import DataSplits
+from ddcore.errors import ConfigError
+from ddcore.models import model_factory
+from ddcore.partition import partition_indices
+from ddcore.profile import measure_tree
+from ddcore.runconfig import RunConfig, from_flat
+from simulations.common import (
+    System,
+    add_run_flags,
+    check_partitions,
+    config_from_args,
+    fail,
+    run_in_simulation,
+)
+
+METHODS = ("gm", "dm", "fedavg")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m simulations.privacy_utility", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="output folder for the report")
+    parser.add_argument("--epsilons", default="1,2,4,8,inf",
+                        help="target epsilons per client, comma-separated; inf = DP path without noise")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="gm, dm (DP distillation) and/or fedavg (DP-FedAvg); default all three")
+    parser.add_argument("--audit-samples", type=int, default=500,
+                        help="members and non-members each in the membership audits (default 500)")
+    parser.add_argument("--lira-shadows", type=int, default=8,
+                        help="LiRA shadow models for the FedAvg rows (even; 0 = loss-threshold only)")
+    parser.add_argument("--inversion-steps", type=int, default=300,
+                        help="Adam steps of each gradient-inversion restart (0 = skip inversion)")
+    add_run_flags(parser)
+    parser.set_defaults(preset="privacy")
+    return parser
+
+
+def parse_epsilons(text: str) -> list[float]:
+    """``"1,2,inf"`` -> [1.0, 2.0, inf]; every value must be > 0."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--epsilons takes numbers > 0 or inf separated by commas, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise ConfigError(f"--epsilons must all be > 0 (inf = no noise), got {text!r}")
+    return sorted(set(values))
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise ConfigError(f"unknown --methods {unknown or text!r}; known: {', '.join(METHODS)}")
+    return methods
+
+
+def dp_config(cfg: RunConfig, epsilon: float) -> RunConfig:
+    """``cfg`` with DP on at ``epsilon``; DP distillation starts from noise."""
+    return from_flat({"dp": True, "target-epsilon": epsilon, "init": "noise"}, base=cfg)
+
+
+def plan_systems(cfg: RunConfig, methods: list[str], epsilons: list[float]) -> list[tuple[dict, System]]:
+    """A row description and a system for every method and epsilon (non-DP first)."""
+    plain = from_flat({"dp": False}, base=cfg)
+    out = []
+    for method in methods:
+        kind = "fedavg" if method == "fedavg" else "distill"
+        base = plain if kind == "fedavg" else from_flat({"method": method}, base=plain)
+        out.append(({"method": method, "dp": False, "epsilon_target": None}, System(method, kind, base)))
+        for eps in epsilons:
+            name = f"dp-{method}@eps={eps:g}"
+            out.append(({"method": f"dp-{method}", "dp": True, "epsilon_target": eps},
+                        System(name, kind, dp_config(base, eps))))
+    return out
+
+
+def fedavg_plan(cfg: RunConfig, num_examples: int, epsilon: float):
+    """The DP-SGD plan a DP-FedAvg client of ``num_examples`` makes at ``epsilon`` (client.task's)."""
+    from privacy.dpsgd import dpsgd_plan
+
+    dp = cfg.distill.dp
+    return dpsgd_plan(num_examples=num_examples, batch_size=cfg.local_batch_size,
+                      epochs_per_round=cfg.local_epochs, rounds=max(cfg.fedavg_rounds, 1),
+                      target_epsilon=epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm)
+
+
+def check_budgets(splits: DataSplits, systems: list[tuple[dict, System]]) -> None:
+    """Calibrate every DP system's noise for every client now: bad budgets fail before any run."""
+    from privacy.methods.base import dp_plan
+
+    labels = splits.train.y.numpy()
+    for row, system in systems:
+        if not row["dp"]:
+            continue
+        c = system.cfg
+        factory = model_factory(c.distill.model, splits.train.image_shape, splits.train.num_classes, "cpu")
+        for pid, part in enumerate(partition_indices(labels, c.partition)):
+            data = splits.train.subset(torch.as_tensor(part))
+            try:
+                if system.kind == "fedavg":
+                    fedavg_plan(c, len(data), c.distill.dp.target_epsilon)
+                else:
+                    dp_plan(data, c.distill, factory)
+            except ValueError as exc:
+                raise ConfigError(f"{system.name}, client {pid} ({len(data)} examples): {exc}") from None
+
+
+def privacy_columns(privacy: dict | None) -> dict:
+    """epsilon spent (worst client) and what its accountant composed."""
+    if privacy is None:
+        return {"epsilon_spent": None, "delta": None, "noise_multiplier": None, "sample_rate": None,
+                "steps": None}
+    worst = max(privacy["per_client"].values(), key=lambda p: p["epsilon"])
+    sigmas = [p["noise-multiplier"] for p in privacy["per_client"].values()]
+    return {"epsilon_spent": privacy["epsilon_spent_max"], "delta": worst["delta"],
+            "noise_multiplier": worst["noise-multiplier"], "sample_rate": worst["sample-rate"],
+            "steps": int(worst["steps"]), "noise_multiplier_range": [min(sigmas), max(sigmas)],
+            "per_client": privacy["per_client"]}
+
+
+def audit_row(row: dict, system: System, result, splits: DataSplits, members, nonmembers,
+              lira_shadows: int) -> dict:
+    """Accuracy, bytes, privacy spent and the leakage audits of one finished system."""
+    from privacy.audit import audit_system
+
+    m = result.to_dict()
+    audit = audit_system(system.cfg, system.kind, result.final_state, result.pooled, splits, members,
+                         nonmembers, lira_shadows=lira_shadows)
+    loss = (audit["mia"] or {}).get("loss_threshold", {})
+    mem = audit["memorisation"] or {}
+    return {**row, "system": system.name, "accuracy": m["final_accuracy"],
+            "best_accuracy": m["best_accuracy"], "bytes_up": m["bytes_up"], "bytes_down": m["bytes_down"],
+            "wall_seconds": m["wall_seconds"],
+            **privacy_columns(m["privacy"]),
+            "mia_attack": "loss-threshold", "mia_auc": loss.get("auc"),
+            "mia_tpr_at_1pct_fpr": loss.get("tpr_at_1pct_fpr"),
+            "mia_tpr_at_0.1pct_fpr": loss.get("tpr_at_0_1pct_fpr"),
+            "lira": (audit["mia"] or {}).get("lira"), "mia_members": len(members),
+            "mia_nonmembers": len(nonmembers),
+            "memorisation_closer_to_private": mem.get("closer_to_private_l2"),
+            "memorisation": audit["memorisation"],
+            "clients_failed": [c for c in m["clients"] if c["status"] in ("failed", "rejected")]}
+
+
+def inversion_section(cfg: RunConfig, splits: DataSplits, epsilons: list[float], out: Path,
+                      steps: int) -> list[dict]:
+    """Inverting Gradients on client 0's FedAvg update (batch 1 and 8), without DP and at the smallest
+    finite epsilon (sigma as client 0's DP-FedAvg plan has it)."""
+    from privacy.audit import inversion_audit
+
+    part = partition_indices(splits.train.y.numpy(), cfg.partition)[0]
+    data = splits.train.subset(torch.as_tensor(part))
+    finite = [e for e in epsilons if math.isfinite(e)]
+    cases: list[tuple[str, float | None]] = [("no DP", None)] + ([("DP", min(finite))] if finite else [])
+    results = []
+    for label, eps in cases:
+        sigma, clip = 0.0, None
+        if eps is not None:
+            plan = fedavg_plan(cfg, len(data), eps)
+            sigma, clip = plan.noise_multiplier, plan.max_grad_norm
+        for batch in (1, 8):
+            tag = "nodp" if eps is None else f"dp_eps{eps:g}"
+            png = out / f"inversion_{tag}_b{batch}.png"
+            how = "no DP" if eps is None else f"DP-SGD eps={eps:g} (sigma {sigma:.2f}, C {clip:g})"
+            title = f"client 0 update, batch {batch}, {how}"
+            r = inversion_audit(cfg, data, batch_size=batch, noise_multiplier=sigma, max_grad_norm=clip,
+                                steps=steps, seed=cfg.partition.seed, png=png, title=title)
+            results.append({"case": label, "epsilon_target": eps, **r})
+    return results
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return "inf" if math.isinf(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+def _row_cells(r: dict) -> list[str]:
+    lira = r.get("lira") or {}
+    return [r["method"], "non-DP" if r["epsilon_target"] is None else _fmt(r["epsilon_target"], 0),
+            _fmt(r["epsilon_spent"], 2), _fmt(r["noise_multiplier"], 2), _fmt(r["sample_rate"], 3),
+            _fmt(r["steps"]), "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}",
+            f"{r['bytes_up'] / 2**20:.2f}", _fmt(r["mia_auc"]), _fmt(r["mia_tpr_at_1pct_fpr"]),
+            _fmt(r["mia_tpr_at_0.1pct_fpr"]), _fmt(lira.get("auc")), _fmt(lira.get("tpr_at_1pct_fpr")),
+            _fmt(r["memorisation_closer_to_private"], 2)]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    return ["| " + " | ".join(cells) + " |" for cells in (header, align, *rows)]
+
+
+def markdown(report: dict) -> str:
+    """The privacy-utility table, the inversion results, and how they were made."""
+    audit = report["audit"]
+    header = ["method", "eps target", "eps spent", "sigma", "q", "steps", "acc (%)", "up (MiB)", "MIA AUC",
+              "TPR@1%", "TPR@0.1%", "LiRA AUC", "LiRA TPR@1%", "closer to private"]
+    lines = [f"# {report['title']}", "", *_table(header, [_row_cells(r) for r in report["rows"]]), "",
+             "eps spent, sigma, q and steps are those of the client whose accountant reports the largest "
+             "epsilon (every client's are in report.json). MIA: loss-threshold attack on the final global "
+             f"model, {audit['members']} members (clients' training examples) vs {audit['nonmembers']} "
+             f"held-out examples; LiRA (FedAvg rows) with {audit['lira_shadows']} shadow models trained by a "
+             "centralised proxy of the FedAvg recipe. 'closer to private': fraction of pooled synthetic "
+             "images whose nearest private image is nearer (L2) than their nearest held-out image "
+             "(0.5 = no sign of memorisation)."]
+    if report["inversion"]:
+        rows = [[r["case"] + ("" if r["epsilon_target"] is None else f" eps={r['epsilon_target']:g}"),
+                 str(r["batch_size"]), _fmt(r["noise_multiplier"], 2), f"{r['psnr']:.1f}", f"{r['ssim']:.2f}",
+                 f"{r['random_psnr']:.1f}", r["png"]] for r in report["inversion"]]
+        lines += ["", "## Gradient inversion of a FedAvg client update (client 0, initial global model)", "",
+                  *_table(["case", "batch", "sigma", "PSNR (dB)", "SSIM", "random PSNR", "image"], rows)]
+    res = report["resources"]
+    lines += ["", f"Whole run: {res['wall_seconds'] / 60:.1f} min wall, peak memory "
+              f"{res['peak_rss_mb']:.0f} MiB (driver plus Ray processes). Audits: "
+              f"{audit['seconds'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, out: Path) -> None:
+    """accuracy_vs_epsilon.png and mia_vs_epsilon.png (inf drawn right of the largest finite epsilon)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [r["epsilon_target"] for r in report["rows"] if r["epsilon_target"] not in (None, math.inf)]
+    inf_x = 2 * max(finite) if finite else 1.0
+    bases = sorted({r["method"].removeprefix("dp-") for r in report["rows"]})
+    for key, fname, ylabel in (("accuracy", "accuracy_vs_epsilon.png", "test accuracy (%)"),
+                               ("mia_tpr_at_1pct_fpr", "mia_vs_epsilon.png", "MIA TPR at 1% FPR (%)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for base, color in zip(bases, ("C0", "C1", "C2", "C3"), strict=False):
+            dp_rows = [r for r in report["rows"] if r["method"] == f"dp-{base}" and r[key] is not None]
+            xs = [inf_x if math.isinf(r["epsilon_target"]) else r["epsilon_target"] for r in dp_rows]
+            ax.plot(xs, [100 * r[key] for r in dp_rows], "o-", color=color, label=f"dp-{base}")
+            plain = [r for r in report["rows"] if r["method"] == base and r[key] is not None]
+            if plain:
+                ax.axhline(100 * plain[0][key], color=color, ls="--", lw=1, label=f"{base} (non-DP)")
+        ax.set_xscale("log")
+        ticks = sorted(set(finite)) + ([inf_x] if any(math.isinf(r["epsilon_target"] or 0)
+                                                      for r in report["rows"]) else [])
+        ax.set_xticks(ticks, [("inf" if t == inf_x else f"{t:g}") for t in ticks])
+        ax.set_xlabel("target epsilon per client")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        epsilons = parse_epsilons(args.epsilons)
+        methods = parse_methods(args.methods)
+        bad_shadows = args.lira_shadows < 0 or args.lira_shadows % 2
+        if bad_shadows or args.audit_samples < 1 or args.inversion_steps < 0:
+            raise ConfigError("--lira-shadows must be even and >= 0, --audit-samples >= 1, "
+                              "--inversion-steps >= 0")
+        cfg = config_from_args(args)
+        splits = check_partitions(cfg)
+        planned = plan_systems(cfg, methods, epsilons)
+        check_budgets(splits, planned)
+    except ValueError as exc:
+        return fail(exc)
+    from privacy.audit import audit_samples
+    from server.report import atomic_write
+
+    with measure_tree() as usage:
+        results = run_in_simulation(cfg, splits.test, [s for _, s in planned])
+    start = time.perf_counter()
+    members, nonmembers = audit_samples(splits, args.audit_samples, seed=cfg.partition.seed)
+    rows = [audit_row(row, s, results[s.name], splits, members, nonmembers, args.lira_shadows)
+            for row, s in planned]
+    args.out.mkdir(parents=True, exist_ok=True)
+    inversion = []
+    if args.inversion_steps:
+        inversion = inversion_section(cfg, splits, epsilons, args.out, args.inversion_steps)
+    report = {
+        "title": f"feddistill privacy vs utility ({cfg.dataset}, {cfg.partition.num_partitions} clients, "
+                 f"{cfg.partition.scheme} {cfg.partition.alpha:g})",
+        "config": args.flat, "environment": args.environment, "epsilons": epsilons, "methods": methods,
+        "audit": {"members": len(members), "nonmembers": len(nonmembers), "lira_shadows": args.lira_shadows,
+                  "seconds": time.perf_counter() - start},
+        "resources": {"wall_seconds": usage.seconds, "peak_rss_mb": usage.peak_rss_mb},
+        "rows": rows, "inversion": inversion,
+    }
+    atomic_write(args.out / "report.json", json.dumps(report, indent=2, default=str).encode())
+    atomic_write(args.out / "report.md", markdown(report).encode())
+    plot(report, args.out)
+    print(markdown(report))
+    print(f"report: {args.out / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

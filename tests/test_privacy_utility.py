@@ -1,0 +1,98 @@
+"""The privacy-utility sweep: every method and epsilon runs on the same partitions and is audited."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ddcore.runconfig import from_flat, run_preset
+from privacy.audit import client_update_gradient
+from simulations.common import check_partitions
+from simulations.privacy_utility import main, parse_epsilons, plan_systems
+
+TINY = ["--preset", "quick", "--dataset", "digits", "--clients", "3", "--ipc", "2"]
+
+
+@pytest.mark.slow
+def test_sweep_reports_a_row_per_method_and_epsilon_with_its_audits(tmp_path) -> None:
+    out = tmp_path / "pu"
+    code = main([*TINY, "--methods", "dm,fedavg", "--epsilons", "4,inf", "--fedavg-rounds", "2",
+                 "--audit-samples", "60", "--lira-shadows", "2", "--inversion-steps", "5", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["system"]: r for r in report["rows"]}
+    assert sorted(rows) == sorted(["dm", "dp-dm@eps=4", "dp-dm@eps=inf",
+                                   "fedavg", "dp-fedavg@eps=4", "dp-fedavg@eps=inf"])
+    for name, r in rows.items():
+        assert 0 <= r["accuracy"] <= 1, name
+        assert r["bytes_up"] > 0 and 0 <= r["mia_auc"] <= 1 and r["mia_members"] == 60
+    for name in ("dp-dm@eps=4", "dp-fedavg@eps=4"):  # the accountant spent (almost all of) the budget
+        r = rows[name]
+        assert 0.9 * 4 <= r["epsilon_spent"] <= 4 + 1e-6, r["epsilon_spent"]
+        assert r["noise_multiplier"] > 0 and 0 < r["sample_rate"] <= 1 and r["steps"] > 0
+        assert len(r["per_client"]) == 3
+    no_noise = rows["dp-dm@eps=inf"]
+    assert no_noise["noise_multiplier"] == 0 and math.isinf(no_noise["epsilon_spent"])
+    assert rows["dm"]["epsilon_spent"] is None and rows["dm"]["noise_multiplier"] is None
+    # summaries have a memorisation audit, FedAvg models a LiRA audit
+    assert 0 <= rows["dp-dm@eps=4"]["memorisation_closer_to_private"] <= 1
+    assert rows["fedavg"]["memorisation_closer_to_private"] is None
+    assert rows["fedavg"]["lira"]["num_shadow_models"] == 2 and rows["dm"]["lira"] is None
+    cases = {(r["case"], r["batch_size"]) for r in report["inversion"]}
+    assert cases == {("no DP", 1), ("no DP", 8), ("DP", 1), ("DP", 8)}
+    for name in ("accuracy_vs_epsilon.png", "mia_vs_epsilon.png", "inversion_dp_eps4_b8.png", "report.md"):
+        assert (out / name).stat().st_size > 0, name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epsilons", "0,1"], "must all be > 0"),
+    (["--epsilons", "one"], "numbers > 0 or inf"),
+    (["--methods", "dm,psg"], "unknown --methods"),
+    (["--set", "delta=0.5"], "delta"),
+    (["--lira-shadows", "3"], "even"),
+])
+def test_bad_input_fails_before_running_and_writes_nothing(tmp_path, capsys, flags, message) -> None:
+    out = tmp_path / "never"
+    assert main([*TINY, *flags, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_every_client_budget_is_calibrated_up_front(tmp_path, capsys) -> None:
+    # epsilon 0.01 cannot be reached at delta 1e-5 (below the accountant's floor): refused before Ray starts
+    assert main([*TINY, "--epsilons", "0.01", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "client" in err and "epsilon" in err
+
+
+def test_plan_puts_non_dp_first_and_starts_dp_distillation_from_noise() -> None:
+    cfg = from_flat({"dataset": "digits", "num-clients": 3}, base=run_preset("quick"))
+    planned = plan_systems(cfg, ["gm", "fedavg"], parse_epsilons("inf,1"))
+    names = [s.name for _, s in planned]
+    assert names == ["gm", "dp-gm@eps=1", "dp-gm@eps=inf", "fedavg", "dp-fedavg@eps=1", "dp-fedavg@eps=inf"]
+    gm_dp = planned[1][1].cfg
+    assert gm_dp.distill.dp.enabled and gm_dp.distill.init == "noise" and gm_dp.distill.method == "gm"
+    assert not planned[0][1].cfg.distill.dp.enabled and planned[3][1].kind == "fedavg"
+    check_partitions(cfg)
+
+
+def test_dp_client_update_is_clipped_and_noised(digits) -> None:
+    from ddcore.models import ModelSpec, build_model
+
+    g = torch.Generator().manual_seed(0)
+    model = build_model(ModelSpec(name="mlp", width=16), digits.train.image_shape, 10, g)
+    x, y = digits.train.x[:8], digits.train.y[:8]
+    plain = client_update_gradient(model, x, y, noise_multiplier=0.0, max_grad_norm=None, generator=g)
+    clipped = client_update_gradient(model, x, y, noise_multiplier=0.0, max_grad_norm=1e-3, generator=g)
+    noisy = client_update_gradient(model, x, y, noise_multiplier=5.0, max_grad_norm=1e-3, generator=g)
+
+    def norm(grads):
+        return float(torch.sqrt(sum((t * t).sum() for t in grads)))
+
+    assert norm(clipped) <= 1e-3 + 1e-6 < norm(plain)  # mean of clipped gradients: norm <= C
+    assert norm(noisy) > 10 * norm(clipped)  # sigma C noise per coordinate dwarfs the clipped signal
+    again = client_update_gradient(model, x, y, noise_multiplier=0.0, max_grad_norm=None, generator=g)
+    assert all(torch.equal(a, b) for a, b in zip(plain, again, strict=True))  # the audited model is untouched
