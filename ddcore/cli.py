@@ -89,7 +89,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def _check_ipc(data: Dataset, ipc: int) -> None:
+def check_ipc(data: Dataset, ipc: int) -> None:
     index = ClassIndex(data.y, data.num_classes)
     smallest = min(index.count(c) for c in index.present())
     if ipc > smallest:
@@ -119,7 +119,7 @@ def run_distill(args: argparse.Namespace) -> dict:
     cfg = _config(args)
     name = method_name(cfg.distill)
     splits = load_dataset(args.dataset, data_dir=args.data_dir, seed=cfg.partition.seed)
-    _check_ipc(splits.train, cfg.distill.ipc)
+    check_ipc(splits.train, cfg.distill.ipc)
     out = args.out or Path("runs") / f"{cfg.distill.method}_ipc{cfg.distill.ipc}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")

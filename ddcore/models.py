@@ -1,4 +1,4 @@
-"""Models: the distillation ConvNet, an MLP and LeNet, built from a seeded generator."""
+"""Models: the distillation ConvNet, an MLP, LeNet and a small ResNet, built from a seeded generator."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ NORMS = ("instance", "group", "none", "batch")
 class ModelSpec:
     """Which network to build and its size."""
 
-    name: str = "convnet"  # convnet | mlp | lenet
-    width: int = 32  # channels of each ConvNet block / hidden units of the MLP
-    depth: int = 3  # ConvNet blocks (each halves the resolution)
+    name: str = "convnet"  # convnet | mlp | lenet | resnet
+    width: int = 32  # channels of each ConvNet block / of the ResNet stem / hidden units of the MLP
+    depth: int = 3  # ConvNet blocks / ResNet residual blocks (each halves the resolution)
     norm: str = "instance"  # instance | group | none | batch (batch is not DP-compatible)
 
     def __post_init__(self) -> None:
@@ -123,9 +123,69 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+class ResidualBlock(nn.Module):
+    """Two conv3x3 + norm layers around a shortcut; the first conv may stride and widen."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str) -> None:
+        super().__init__()
+        bias = norm == "none"  # a norm layer's shift makes a conv bias redundant
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=bias),
+            _norm_layer(norm, out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=bias),
+            _norm_layer(norm, out_channels),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:  # project the input to the body's shape
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=bias),
+                _norm_layer(norm, out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A small ResNet (ResNet-8 at depth 3): a conv3x3 stem, ``depth`` residual blocks, global pool.
+
+    Each block halves the resolution while it is >= 4 (instance norm needs more than one pixel)
+    and doubles the channels, from ``width`` up to at most ``4 * width``; a linear head reads the
+    globally pooled features.
+    """
+
+    def __init__(self, spec: ModelSpec, image_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        channels, height, width = image_shape
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, spec.width, kernel_size=3, padding=1, bias=spec.norm == "none"),
+            _norm_layer(spec.norm, spec.width),
+            nn.ReLU(inplace=True),
+        )
+        blocks: list[nn.Module] = []
+        channels = spec.width
+        for i in range(spec.depth):
+            out = spec.width * 2 ** min(i, 2)
+            stride = 2 if min(height, width) >= 4 else 1
+            blocks.append(ResidualBlock(channels, out, stride, spec.norm))
+            channels, height, width = out, -(-height // stride), -(-width // stride)  # ceil: padding 1
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Globally pooled features of the last block: (n, C, H, W) -> (n, D)."""
+        return self.pool(self.blocks(self.stem(x))).flatten(1)  # (n, C', h, w) -> (n, C')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
 MODELS.register("convnet")(ConvNet)
 MODELS.register("mlp")(MLP)
 MODELS.register("lenet")(LeNet)
+MODELS.register("resnet")(ResNet)
 
 
 def reset_parameters(model: nn.Module, generator: torch.Generator) -> nn.Module:

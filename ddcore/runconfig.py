@@ -216,11 +216,12 @@ RUN_PRESETS: dict[str, RunConfig] = {
     ),
     # minutes on 2 CPU cores: the README run (equal to the run-config defaults in pyproject.toml)
     "default": RunConfig(),
-    # the privacy-utility sweep (simulations.privacy_utility): ~18 systems must fit in an hour on
-    # 2 cores, so fewer image updates and FedAvg rounds; 16 real images per class per step keeps
-    # the DP sampling rate q well below 1 on clients of a few hundred examples
+    # the privacy-utility sweep (simulations.privacy_utility): 18 systems plus their audits must fit
+    # in an hour on 2 cores (GM took ~4.5 min per system at 100 updates), so 60 image updates and
+    # 10 FedAvg rounds; 16 real images per class per step keeps the DP sampling rate q well below 1
+    # on clients of a few hundred examples
     "privacy": RunConfig(
-        distill=DistillConfig(iterations=100, batch_real=16),
+        distill=DistillConfig(iterations=60, batch_real=16),
         fedavg_rounds=10,
     ),
     # GPU-scale: ConvNet-128 and long optimisation, as in the papers

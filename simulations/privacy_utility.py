@@ -24,7 +24,6 @@ import torch
 
 from ddcore.data import DataSplits
 from ddcore.errors import ConfigError
-from ddcore.models import model_factory
 from ddcore.partition import partition_indices
 from ddcore.profile import measure_tree
 from ddcore.runconfig import RunConfig, from_flat
@@ -52,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="members and non-members each in the membership audits (default 500)")
     parser.add_argument("--lira-shadows", type=int, default=8,
                         help="LiRA shadow models for the FedAvg rows (even; 0 = loss-threshold only)")
-    parser.add_argument("--inversion-steps", type=int, default=300,
+    parser.add_argument("--inversion-steps", type=int, default=200,
                         help="Adam steps of each gradient-inversion restart (0 = skip inversion)")
     add_run_flags(parser)
     parser.set_defaults(preset="privacy")
@@ -109,24 +108,31 @@ def fedavg_plan(cfg: RunConfig, num_examples: int, epsilon: float):
 
 
 def check_budgets(splits: DataSplits, systems: list[tuple[dict, System]]) -> None:
-    """Calibrate every DP system's noise for every client now: bad budgets fail before any run."""
-    from privacy.methods.base import dp_plan
+    """Check every DP system's budget against every client now, so bad budgets fail before any run.
 
-    labels = splits.train.y.numpy()
+    The cheap checks (epsilon > 0, delta in (0, 1) and below 1/n, the clip norm, epsilon above
+    what the accountant can certify at that delta) run here; the clients calibrate sigma.
+    """
+    from privacy.accounting import check_budget, epsilon_floor
+
+    sizes = None
     for row, system in systems:
         if not row["dp"]:
             continue
-        c = system.cfg
-        factory = model_factory(c.distill.model, splits.train.image_shape, splits.train.num_classes, "cpu")
-        for pid, part in enumerate(partition_indices(labels, c.partition)):
-            data = splits.train.subset(torch.as_tensor(part))
+        dp = system.cfg.distill.dp
+        if sizes is None:
+            parts = partition_indices(splits.train.y.numpy(), system.cfg.partition)
+            sizes = [len(part) for part in parts]
+        if math.isfinite(dp.target_epsilon) and dp.target_epsilon <= epsilon_floor(dp.delta):
+            raise ConfigError(f"{system.name}: epsilon {dp.target_epsilon:g} is below "
+                              f"{epsilon_floor(dp.delta):.3g}, the least the RDP accountant can certify at "
+                              f"delta {dp.delta:g}; raise the epsilon or delta")
+        for pid, n in enumerate(sizes):
             try:
-                if system.kind == "fedavg":
-                    fedavg_plan(c, len(data), c.distill.dp.target_epsilon)
-                else:
-                    dp_plan(data, c.distill, factory)
+                check_budget(target_epsilon=dp.target_epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm,
+                             num_examples=n)
             except ValueError as exc:
-                raise ConfigError(f"{system.name}, client {pid} ({len(data)} examples): {exc}") from None
+                raise ConfigError(f"{system.name}, client {pid} ({n} examples): {exc}") from None
 
 
 def privacy_columns(privacy: dict | None) -> dict:

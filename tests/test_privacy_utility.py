@@ -61,11 +61,15 @@ def test_bad_input_fails_before_running_and_writes_nothing(tmp_path, capsys, fla
     assert not out.exists()
 
 
-def test_every_client_budget_is_calibrated_up_front(tmp_path, capsys) -> None:
-    # epsilon 0.01 cannot be reached at delta 1e-5 (below the accountant's floor): refused before Ray starts
+def test_budgets_are_checked_up_front(tmp_path, capsys) -> None:
+    # epsilon 0.01 cannot be certified at delta 1e-5 (below the accountant's floor): refused before Ray starts
     assert main([*TINY, "--epsilons", "0.01", "--out", str(tmp_path / "x")]) == 2
+    assert "dp-gm@eps=0.01" in capsys.readouterr().err
+    # delta must be below 1/n for every client: each of 3 digits clients holds more than 100 examples
+    assert main([*TINY, "--set", "delta=0.01", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
-    assert "client" in err and "epsilon" in err
+    assert "client" in err and "1/n" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_plan_puts_non_dp_first_and_starts_dp_distillation_from_noise() -> None:

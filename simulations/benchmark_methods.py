@@ -1,0 +1,317 @@
+"""Every distillation method, centrally, over seeds: accuracy across architectures, cost and size.
+
+    python -m simulations.benchmark_methods --dataset mnist5k --ipc 1,10 --seeds 3 --threads 2 \\
+        --out runs/benchmark_methods
+
+For every (method, IPC, seed) the training split is distilled once with the ConvNet (timed
+with :func:`ddcore.profile.measure`), the summary's bytes are counted, and a fresh model of
+every ``--archs`` architecture (seeded) is trained on it and tested, with the summary's
+learned step sizes when it has them, as ``python -m ddcore distill`` does. The budget
+(``--preset``) fixes each method's iterations and the evaluation training; it is recorded in
+the report. Writes results.jsonl (one line per finished job, as it goes), then report.json
+and report.md. Bad input gives one line on stderr, exit code 2 and no files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ddcore.cli import check_ipc
+from ddcore.config import DistillConfig, TrainConfig
+from ddcore.data import DataSplits, load_dataset
+from ddcore.errors import ConfigError
+from ddcore.methods import METHODS, distill
+from ddcore.models import MODELS, ModelSpec, model_factory
+from ddcore.profile import measure
+from ddcore.runconfig import RUN_PRESETS, RunConfig, check_device
+from ddcore.train import train_and_evaluate
+from server.report import atomic_write, environment
+from simulations.common import fail
+
+METHOD_ORDER = ("random_real", "herding", "dm", "gm", "dd", "mtt", "iadd")
+ARCH_NAMES = {"convnet": "ConvNet", "mlp": "MLP", "lenet": "LeNet", "resnet": "ResNet"}
+# Published full-MNIST test accuracy (%) at IPC 1 / 10, ConvNet-128: DC (Zhao et al. 2021),
+# DSA (Zhao & Bilen 2021), DM (Zhao & Bilen 2023). Our gm is DC with DSA, our dm is DM.
+PUBLISHED = {"DC": {1: 91.7, 10: 97.4}, "DSA": {1: 88.7, 10: 97.8}, "DM": {1: 89.7, 10: 97.5}}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long each method optimises and how every evaluated model is trained."""
+
+    distill: DistillConfig  # shared settings; method, ipc, seed and device are set per job
+    train: TrainConfig  # training of every evaluated model on a summary
+    methods: Mapping[str, Mapping[str, int]]  # method -> DistillConfig overrides (iterations, ...)
+    note: str
+
+    def config(self, method: str, ipc: int, seed: int, device: str) -> DistillConfig:
+        """The distillation settings of one job."""
+        return replace(self.distill, method=method, ipc=ipc, seed=seed, device=device,
+                       **self.methods.get(method, {}))
+
+
+_DEFAULT = RUN_PRESETS["default"]
+BUDGETS: dict[str, Budget] = {
+    # 7 methods x IPC 1, 10 x 3 seeds x 4 architectures in < 60 min on 2 CPU cores: ~2,950
+    # CPU-seconds at 1 thread, timed per unit (docs/benchmark_methods.md): the evaluation trainings
+    # ~900 (200 SGD steps each), dm ~600, gm ~450, dd ~400, mtt and iadd ~320 each
+    "benchmark": Budget(
+        distill=replace(_DEFAULT.distill, mtt_experts=2, mtt_expert_epochs=4, mtt_max_start=2),
+        train=replace(_DEFAULT.train, min_steps=200),
+        methods={"dm": {"iterations": 200}, "gm": {"iterations": 100}, "dd": {"iterations": 100},
+                 "mtt": {"iterations": 100}, "iadd": {"iterations": 100}},
+        note="ConvNet-32 (instance norm) for distillation; DM 200 image updates, GM/DD/MTT/IADD 100 "
+             "(GM: a fresh network every 10, 1 inner step; DD/MTT/IADD: 5 unrolled steps); MTT/IADD "
+             "experts: 2 x 4 epochs; every evaluated model: 100 epochs or at least 200 SGD steps, DSA "
+             "augmentation",
+    ),
+    # seconds: tests and smoke runs
+    "smoke": Budget(
+        distill=replace(_DEFAULT.distill, iterations=5, batch_real=16, outer_loop=2, syn_steps=2,
+                        dd_batch_real=8, mtt_experts=1, mtt_expert_epochs=2, mtt_expert_span=1,
+                        mtt_max_start=1, model=ModelSpec(width=8)),
+        train=replace(_DEFAULT.train, epochs=10, min_steps=20),
+        methods={},
+        note="5 updates, ConvNet-8, 20 evaluation steps: checks the pipeline, measures nothing",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m simulations.benchmark_methods", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="mnist5k", help="registered name or path to .npz / ImageFolder")
+    parser.add_argument("--data-dir", default=None, help="folder of torchvision dataset files")
+    parser.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma list of methods")
+    parser.add_argument("--ipc", default="1,10", help="comma list of images per class")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per (method, ipc)")
+    parser.add_argument("--archs", default="convnet,mlp,lenet,resnet",
+                        help="comma list of architectures trained on each summary")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="benchmark", choices=sorted(BUDGETS),
+                        help="distillation and evaluation budget")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    return parser
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], list[str], DataSplits]:
+    """Methods, IPCs and architectures from the flags, and the data; raises on anything bad."""
+    methods, archs = _names(args.methods), _names(args.archs)
+    if not methods or not archs:
+        raise ConfigError("--methods and --archs each need at least one name")
+    for m in methods:
+        METHODS.get(m)  # raises, listing the known ones
+    for a in archs:
+        MODELS.get(a)
+    try:
+        ipcs = [int(t) for t in _names(args.ipc)]
+    except ValueError:
+        raise ConfigError(f"--ipc takes a comma list of whole numbers, e.g. 1,10; got {args.ipc!r}") from None
+    if not ipcs or min(ipcs) < 1:
+        raise ConfigError(f"--ipc needs numbers >= 1, got {args.ipc!r}")
+    if args.seeds < 1 or args.threads < 0:
+        raise ConfigError(f"--seeds must be >= 1 and --threads >= 0, got {args.seeds}, {args.threads}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {args.device!r} is not a torch device; use cpu or cuda") from None
+    check_device(RunConfig(distill=DistillConfig(device=args.device)))
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} exists and is not a folder")
+    splits = load_dataset(args.dataset, data_dir=args.data_dir, seed=0)
+    check_ipc(splits.train, max(ipcs))
+    return methods, sorted(set(ipcs)), archs, splits
+
+
+def run_job(splits: DataSplits, budget: Budget, method: str, ipc: int, seed: int, archs: list[str],
+            device: str) -> dict:
+    """Distill once (timed), then train and test a fresh model of every architecture on the summary."""
+    cfg = budget.config(method, ipc, seed, device)
+    train = splits.train
+    factory = model_factory(cfg.model, train.image_shape, train.num_classes, device)
+    cpu = time.process_time()
+    with measure(device) as m:
+        summary = distill(train, factory, cfg)
+    row = {"method": method, "ipc": ipc, "seed": seed, "images": len(summary),
+           "distill_seconds": m.seconds, "distill_cpu_seconds": time.process_time() - cpu,
+           "peak_rss_mb": m.peak_rss_mb,
+           "summary_bytes": int(sum(a.nbytes for a in summary.to_arrays().values())),
+           "accuracy": {}, "loss": {}, "train_seconds": {}}
+    for arch in archs:
+        arch_factory = model_factory(replace(cfg.model, name=arch), train.image_shape, train.num_classes,
+                                     device)
+        start = time.perf_counter()
+        _, result = train_and_evaluate(arch_factory, summary.images, summary.labels, splits.test,
+                                       budget.train, seed=seed, lrs=summary.lrs)
+        row["accuracy"][arch] = result["accuracy"]
+        row["loss"][arch] = result["loss"]
+        row["train_seconds"][arch] = time.perf_counter() - start
+    return row
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (0 for one value) of ``values``."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "values": values}
+
+
+def verdict(method: dict, baseline: dict) -> dict:
+    """Difference of means and 'beats' / 'on par' / 'worse' at 2x the pooled standard deviation."""
+    diff = method["mean"] - baseline["mean"]
+    pooled = ((method["std"] ** 2 + baseline["std"] ** 2) / 2) ** 0.5
+    if len(method["values"]) < 2 or len(baseline["values"]) < 2:
+        word = "n/a (1 seed)"
+    elif diff > 2 * pooled:
+        word = "beats"
+    elif diff < -2 * pooled:
+        word = "worse"
+    else:
+        word = "on par"
+    return {"difference": diff, "pooled_std": pooled, "verdict": word}
+
+
+def aggregate(rows: list[dict], methods: list[str], ipcs: list[int], archs: list[str]) -> dict:
+    """Per IPC and method: mean and std over seeds, and the ConvNet comparison with random_real."""
+    out: dict = {}
+    for ipc in ipcs:
+        table = {}
+        for method in methods:
+            runs = [r for r in rows if r["ipc"] == ipc and r["method"] == method]
+            table[method] = {"seeds": [r["seed"] for r in runs],
+                             "accuracy": {a: mean_std([r["accuracy"][a] for r in runs]) for a in archs},
+                             **{k: mean_std([r[k] for r in runs])
+                                for k in ("distill_seconds", "distill_cpu_seconds", "peak_rss_mb",
+                                          "summary_bytes")}}
+        if "random_real" in table:
+            base = table["random_real"]["accuracy"][archs[0]]
+            for method, entry in table.items():
+                if method != "random_real":
+                    entry["vs_random_real"] = verdict(entry["accuracy"][archs[0]], base)
+        out[str(ipc)] = table
+    return out
+
+
+def _pm(stat: dict) -> str:
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def markdown(report: dict) -> str:
+    """One table per IPC, the published figures for context, notes and the command."""
+    cfg = report["config"]
+    archs, first = cfg["archs"], ARCH_NAMES.get(cfg["archs"][0], cfg["archs"][0])
+    lines = ["# Distillation methods benchmark", "",
+             f"{cfg['dataset']} ({cfg['train_examples']} training / {cfg['test_examples']} test images), "
+             f"{cfg['seeds']} seed(s), preset `{cfg['preset']}`: {report['budget']['note']}. "
+             f"Test accuracy (%) as mean ± std over seeds; the distillation network is the ConvNet, the "
+             f"other columns train a different architecture on the same summary. Wall time "
+             f"{report['wall_seconds'] / 60:.1f} min, {report['environment']['torch_threads']} torch "
+             f"thread(s).", ""]
+    for ipc, table in report["results"].items():
+        has_base = "random_real" in table
+        head = ["method", *[ARCH_NAMES.get(a, a) for a in archs], "distill s", "peak MiB", "summary bytes"]
+        head += [f"vs random-real ({first})"] if has_base else []
+        lines += [f"## IPC {ipc}", "", "| " + " | ".join(head) + " |",
+                  "|---|" + "---:|" * (len(head) - 1)]
+        for method, e in table.items():
+            cells = [method, *[_pm(e["accuracy"][a]) for a in archs], f"{e['distill_seconds']['mean']:.1f}",
+                     f"{e['peak_rss_mb']['mean']:.0f}", f"{e['summary_bytes']['mean']:,.0f}"]
+            if has_base:
+                v = e.get("vs_random_real")
+                cells.append("—" if v is None else f"{100 * v['difference']:+.1f} ({v['verdict']})")
+            lines.append("| " + " | ".join(cells) + " |")
+        published = {k: v[int(ipc)] for k, v in PUBLISHED.items() if int(ipc) in v}
+        if published and cfg["dataset"] in ("mnist5k", "mnist"):
+            lines += ["", f"Published at IPC {ipc} on full MNIST: "
+                      + ", ".join(f"{k} {v}" for k, v in published.items())
+                      + " - 60,000 training images, ConvNet-128, thousands of GPU iterations: context, "
+                        "not a like-for-like comparison (our `gm` is DC with DSA, our `dm` is DM)."]
+        lines.append("")
+    lines += [*report["notes"], "", f"Command: `{report['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "- vs random-real: difference of the mean accuracies (points) on the first architecture (the "
+    "distillation ConvNet by default), 'beats' / 'worse' when it exceeds twice the pooled standard "
+    "deviation over seeds (sqrt of the mean of the two variances), else 'on par'. With seed s the "
+    "matching methods start (init=real) from the real images random_real picks for seed s, and every "
+    "evaluated model of seed s starts from the same weights: the comparison is paired.",
+    "- distill s: wall time of the distillation alone (MTT/IADD include training their expert "
+    "trajectories); peak MiB: the whole process's resident set while distilling (Python, torch, the "
+    "loaded data), sampled every 20 ms - it includes memory kept from earlier jobs, so compare it "
+    "across methods with care.",
+    "- summary bytes: sum of the arrays' nbytes in float32 (images, int64 labels, and DD's learned step "
+    "sizes); the evaluation trains with those step sizes, cycled, when a summary has them (also on "
+    "the other architectures).",
+    "- The train/test split is the one of seed 0 for every job; seeds vary the distillation and the "
+    "evaluated models' initialisation and augmentation.",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        methods, ipcs, archs, splits = check_args(args)
+    except ValueError as exc:
+        return fail(exc)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tqdm import tqdm
+
+    budget = BUDGETS[args.preset]
+    jobs = [(m, ipc, s) for ipc in ipcs for m in methods for s in range(args.seeds)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / "results.jsonl"
+    partial.write_text("")  # a fresh run: one line per finished job is appended below
+    rows, start = [], time.perf_counter()
+    with tqdm(jobs, desc="benchmark", unit="job", file=sys.stderr, dynamic_ncols=True) as bar:
+        for method, ipc, seed in bar:
+            bar.set_postfix_str(f"{method} ipc {ipc} seed {seed}")
+            row = run_job(splits, budget, method, ipc, seed, archs, args.device)
+            rows.append(row)
+            with partial.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    report = {
+        "title": "feddistill methods benchmark",
+        "config": {"dataset": splits.train.name, "train_examples": len(splits.train),
+                   "test_examples": len(splits.test), "methods": methods, "ipc": ipcs, "seeds": args.seeds,
+                   "archs": archs, "preset": args.preset, "device": args.device, "data_seed": 0},
+        "budget": {"note": budget.note, "distill": _plain(asdict(budget.distill)),
+                   "methods": {m: dict(budget.methods.get(m, {})) for m in methods},
+                   "train": asdict(budget.train)},
+        "environment": environment(args.device),
+        "wall_seconds": time.perf_counter() - start,
+        "results": aggregate(rows, methods, ipcs, archs),
+        "runs": rows,
+        "notes": NOTES,
+        "command": "python -m simulations.benchmark_methods " + " ".join(argv),
+    }
+    atomic_write(args.out / "report.json", json.dumps(report, indent=2).encode())
+    atomic_write(args.out / "report.md", markdown(report).encode())
+    print(markdown(report))
+    print(f"report: {args.out / 'report.json'} ({report['wall_seconds'] / 60:.1f} min)")
+    return 0
+
+
+def _plain(cfg: dict) -> dict:
+    """A distillation config for the report, without its DP block (never enabled here; inf in JSON)."""
+    return {k: v for k, v in cfg.items() if k != "dp"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The methods benchmark reports per-seed results, their mean and std, and refuses bad input."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from ddcore.models import ModelSpec, build_model
+from simulations.benchmark_methods import main, mean_std, verdict
+
+ARGS = ["--dataset", "digits", "--methods", "random_real,dm", "--ipc", "1", "--seeds", "2",
+        "--archs", "convnet,mlp", "--preset", "smoke", "--threads", "1"]
+
+
+def test_benchmark_reports_accuracy_cost_and_bytes_per_seed(tmp_path, one_thread) -> None:
+    assert main(["--out", str(tmp_path), *ARGS]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    runs = report["runs"]
+    assert [(r["method"], r["seed"]) for r in runs] == [("random_real", 0), ("random_real", 1), ("dm", 0),
+                                                        ("dm", 1)]
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == runs  # the partial file holds every finished job
+    for r in runs:
+        assert set(r["accuracy"]) == {"convnet", "mlp"}
+        assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+        assert r["images"] == 10
+        assert r["summary_bytes"] == 10 * (8 * 8 * 4 + 8)  # float32 8x8 images, int64 labels
+        assert r["distill_seconds"] > 0 and r["peak_rss_mb"] > 0
+    real = [r for r in runs if r["method"] == "random_real"]
+    assert real[0]["accuracy"] != real[1]["accuracy"]  # seeds differ
+
+    table = report["results"]["1"]
+    assert list(table) == ["random_real", "dm"]
+    for method in ("random_real", "dm"):
+        for arch in ("convnet", "mlp"):
+            values = [r["accuracy"][arch] for r in runs if r["method"] == method]
+            stat = table[method]["accuracy"][arch]
+            assert stat["values"] == values
+            assert stat["mean"] == pytest.approx(statistics.fmean(values))
+            assert stat["std"] == pytest.approx(statistics.stdev(values))
+    assert "vs_random_real" not in table["random_real"]
+    assert table["dm"]["vs_random_real"]["verdict"] in ("beats", "on par", "worse")
+    assert report["budget"]["distill"]["iterations"] == 5 and report["budget"]["train"]["min_steps"] == 20
+    assert report["environment"]["torch_threads"] == 1
+
+    md = (tmp_path / "report.md").read_text()
+    head = "| method | ConvNet | MLP | distill s | peak MiB | summary bytes | vs random-real (ConvNet) |"
+    assert head in md
+    assert "| random_real |" in md and "| dm |" in md and "Published" not in md  # digits: no MNIST figures
+
+
+def test_verdict_uses_twice_the_pooled_std() -> None:
+    base = mean_std([0.50, 0.52, 0.54])  # std 0.02
+    assert verdict(mean_std([0.60, 0.62, 0.64]), base)["verdict"] == "beats"  # +0.10 > 0.04
+    assert verdict(mean_std([0.53, 0.55, 0.57]), base)["verdict"] == "on par"  # +0.03
+    assert verdict(mean_std([0.40, 0.42, 0.44]), base)["verdict"] == "worse"
+    assert verdict(mean_std([0.9]), mean_std([0.1]))["verdict"] == "n/a (1 seed)"
+    assert mean_std([0.3])["std"] == 0.0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--methods", "random_real,nope"], "unknown method 'nope'"),
+    (["--archs", "convnet,vgg"], "unknown model 'vgg'"),
+    (["--dataset", "nosuchset"], "unknown dataset 'nosuchset'"),
+    (["--ipc", "1,500"], "ipc 500 exceeds"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--ipc", "1,x"], "--ipc takes a comma list"),
+    (["--device", "gpu0"], "is not a torch device"),
+])
+def test_benchmark_refuses_bad_input_and_writes_nothing(tmp_path, capsys, bad, message) -> None:
+    out = tmp_path / "out"
+    assert main(["--out", str(out), *ARGS, *bad]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (1, 8, 8), (3, 32, 32)])
+def test_resnet_builds_seeded_with_embeddings(shape) -> None:
+    spec = ModelSpec(name="resnet", width=8)
+    a, b = (build_model(spec, shape, 10, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    x = torch.randn(4, *shape)
+    emb = a.embed(x)
+    assert emb.shape == (4, 32) and a(x).shape == (4, 10)  # 8 -> 16 -> 32 channels, pooled
+    assert emb.std(0).sum() > 0  # not flattened to a constant by instance norm on 1x1 maps
