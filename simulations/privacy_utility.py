@@ -303,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         results = run_in_simulation(cfg, splits.test, [s for _, s in planned])
     start = time.perf_counter()
     members, nonmembers = audit_samples(splits, args.audit_samples, seed=cfg.partition.seed)
+    from tqdm import tqdm
+
     rows = [audit_row(row, s, results[s.name], splits, members, nonmembers, args.lira_shadows)
-            for row, s in planned]
+            for row, s in tqdm(planned, desc="audits", unit="system", file=sys.stderr, dynamic_ncols=True)]
     args.out.mkdir(parents=True, exist_ok=True)
     inversion = []
     if args.inversion_steps:
