@@ -181,7 +181,10 @@ def verdict(method: dict, baseline: dict) -> dict:
         word = "worse"
     else:
         word = "on par"
-    return {"difference": diff, "pooled_std": pooled, "verdict": word}
+    # the jobs are paired by seed (same start images, same evaluation weights): per-seed differences
+    paired = [m - b for m, b in zip(method["values"], baseline["values"], strict=False)]
+    return {"difference": diff, "pooled_std": pooled, "verdict": word, "paired_differences": paired,
+            "seeds_better": sum(d > 0 for d in paired)}
 
 
 def aggregate(rows: list[dict], methods: list[str], ipcs: list[int], archs: list[str]) -> dict:
@@ -203,6 +206,13 @@ def aggregate(rows: list[dict], methods: list[str], ipcs: list[int], archs: list
                     entry["vs_random_real"] = verdict(entry["accuracy"][archs[0]], base)
         out[str(ipc)] = table
     return out
+
+
+def _versus(v: dict) -> str:
+    d = v["paired_differences"]
+    spread = f"{100 * min(d):+.1f}..{100 * max(d):+.1f}"
+    better = f"{v['seeds_better']}/{len(d)} better"
+    return f"{100 * v['difference']:+.1f} ({v['verdict']}; per seed {spread}, {better})"
 
 
 def _pm(stat: dict) -> str:
@@ -231,7 +241,7 @@ def markdown(report: dict) -> str:
                      f"{e['peak_rss_mb']['mean']:.0f}", f"{e['summary_bytes']['mean']:,.0f}"]
             if has_base:
                 v = e.get("vs_random_real")
-                cells.append("—" if v is None else f"{100 * v['difference']:+.1f} ({v['verdict']})")
+                cells.append("—" if v is None else _versus(v))
             lines.append("| " + " | ".join(cells) + " |")
         published = {k: v[int(ipc)] for k, v in PUBLISHED.items() if int(ipc) in v}
         if published and cfg["dataset"] in ("mnist5k", "mnist"):
@@ -247,7 +257,9 @@ def markdown(report: dict) -> str:
 NOTES = [
     "- vs random-real: difference of the mean accuracies (points) on the first architecture (the "
     "distillation ConvNet by default), 'beats' / 'worse' when it exceeds twice the pooled standard "
-    "deviation over seeds (sqrt of the mean of the two variances), else 'on par'. With seed s the "
+    "deviation over seeds (sqrt of the mean of the two variances), else 'on par' - an unpaired "
+    "rule, conservative for paired runs; 'per seed' gives the range of the paired per-seed "
+    "differences and on how many seeds the method was better. With seed s the "
     "matching methods start (init=real) from the real images random_real picks for seed s, and every "
     "evaluated model of seed s starts from the same weights: the comparison is paired.",
     "- distill s: wall time of the distillation alone (MTT/IADD include training their expert "
