@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -33,18 +33,15 @@ class Measurement:
 
 
 @contextmanager
-def measure(device: str = "cpu", interval: float = 0.02) -> Iterator[Measurement]:
-    """Time the block and sample the process RSS in a background thread."""
-    result = Measurement(peak_rss_mb=rss_mb())
+def _sampled(read: Callable[[], float], interval: float) -> Iterator[Measurement]:
+    """Time the block; a background thread keeps the peak of ``read()`` every ``interval`` s."""
+    result = Measurement(peak_rss_mb=read())
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(interval):
-            result.peak_rss_mb = max(result.peak_rss_mb, rss_mb())
+            result.peak_rss_mb = max(result.peak_rss_mb, read())
 
-    cuda = device.startswith("cuda") and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     thread = threading.Thread(target=sample, daemon=True)
     start = time.perf_counter()
     thread.start()
@@ -54,9 +51,19 @@ def measure(device: str = "cpu", interval: float = 0.02) -> Iterator[Measurement
         stop.set()
         thread.join()
         result.seconds = time.perf_counter() - start
-        result.peak_rss_mb = max(result.peak_rss_mb, rss_mb())
-        if cuda:
-            result.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+        result.peak_rss_mb = max(result.peak_rss_mb, read())
+
+
+@contextmanager
+def measure(device: str = "cpu", interval: float = 0.02) -> Iterator[Measurement]:
+    """Time the block and sample the process RSS in a background thread (and the CUDA peak)."""
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with _sampled(rss_mb, interval) as result:
+        yield result
+    if cuda:
+        result.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
 def tree_rss_mb(root: int | None = None) -> float:
@@ -92,19 +99,5 @@ def tree_rss_mb(root: int | None = None) -> float:
 @contextmanager
 def measure_tree(interval: float = 0.5) -> Iterator[Measurement]:
     """Like :func:`measure`, but the peak is of this process plus all its descendants."""
-    result = Measurement(peak_rss_mb=tree_rss_mb())
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(interval):
-            result.peak_rss_mb = max(result.peak_rss_mb, tree_rss_mb())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    start = time.perf_counter()
-    thread.start()
-    try:
+    with _sampled(tree_rss_mb, interval) as result:
         yield result
-    finally:
-        stop.set()
-        thread.join()
-        result.seconds = time.perf_counter() - start
