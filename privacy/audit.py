@@ -155,15 +155,15 @@ def inversion_audit(cfg: RunConfig, data: Dataset, *, batch_size: int, noise_mul
 def audit_system(cfg: RunConfig, kind: str, final_state: dict[str, torch.Tensor] | None,
                  pooled: Summary | None, splits: DataSplits, members: Dataset, nonmembers: Dataset, *,
                  lira_shadows: int = 0) -> dict:
-    """The leakage audits of one finished system (``kind`` "distill" or "fedavg").
+    """The leakage audits of one finished system (``kind`` "distill" or "fedavg"), as report columns.
 
-    ``mia``: loss-threshold membership inference on the final global model, plus LiRA for
-    FedAvg when ``lira_shadows`` > 0 (its shadow recipe, :func:`fedavg_shadow_trainer`, is a
+    ``mia_*``: loss-threshold membership inference on the final global model; ``lira``: LiRA
+    for FedAvg when ``lira_shadows`` > 0 (its shadow recipe, :func:`fedavg_shadow_trainer`, is a
     proxy of FedAvg's; a distillation system's recipe - distil, pool, train - is too costly
-    to repeat per shadow here). ``memorisation``: of the pooled summary. Missing pieces
-    (a system whose every round failed) are None.
+    to repeat per shadow here); ``memorisation*``: of the pooled summary. Missing pieces
+    (a system whose every round failed, FedAvg's absent summary) are None.
     """
-    mia = None
+    mia: dict = {}
     if final_state is not None:
         model = global_model(cfg, final_state, splits.test)
         lira = kind == "fedavg" and lira_shadows > 0
@@ -171,4 +171,9 @@ def audit_system(cfg: RunConfig, kind: str, final_state: dict[str, torch.Tensor]
                                shadow_trainer=fedavg_shadow_trainer(cfg) if lira else None,
                                shadows=lira_shadows if lira else 0, seed=cfg.partition.seed)
     mem = memorisation_audit(pooled, splits, seed=cfg.partition.seed) if pooled is not None else None
-    return {"mia": mia, "memorisation": mem}
+    loss = mia.get("loss_threshold", {})
+    return {"mia_attack": "loss-threshold", "mia_auc": loss.get("auc"),
+            "mia_tpr_at_1pct_fpr": loss.get("tpr_at_1pct_fpr"),
+            "mia_tpr_at_0.1pct_fpr": loss.get("tpr_at_0_1pct_fpr"),
+            "mia_members": len(members), "mia_nonmembers": len(nonmembers), "lira": mia.get("lira"),
+            "memorisation_closer_to_private": (mem or {}).get("closer_to_private_l2"), "memorisation": mem}

@@ -62,22 +62,6 @@ def verdicts(methods: dict, ipc: int, test_size: int) -> list[str]:
     return out
 
 
-def leakage(system: System, result, splits, args: argparse.Namespace) -> dict:
-    """Membership inference on the system's global model and memorisation of its pooled summary."""
-    from privacy.audit import audit_samples, audit_system
-
-    members, nonmembers = audit_samples(splits, args.audit_samples, seed=system.cfg.partition.seed)
-    audit = audit_system(system.cfg, system.kind, result.final_state, result.pooled, splits, members,
-                         nonmembers, lira_shadows=args.lira_shadows)
-    loss = (audit["mia"] or {}).get("loss_threshold", {})
-    return {"mia_attack": "loss-threshold", "mia_auc": loss.get("auc"),
-            "mia_tpr_at_1pct_fpr": loss.get("tpr_at_1pct_fpr"),
-            "mia_tpr_at_0.1pct_fpr": loss.get("tpr_at_0_1pct_fpr"), "mia_members": len(members),
-            "lira": (audit["mia"] or {}).get("lira"),
-            "memorisation_closer_to_private": (audit["memorisation"] or {}).get("closer_to_private_l2"),
-            "memorisation": audit["memorisation"]}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -95,9 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     with measure_tree() as usage:
         results = run_in_simulation(cfg, splits.test, systems)
     methods = {name: res.to_dict() for name, res in results.items()}
-    if args.audit_samples:
+    if args.audit_samples:  # membership inference and memorisation, the same samples for every system
+        from privacy.audit import audit_samples, audit_system
+
+        members, nonmembers = audit_samples(splits, args.audit_samples, seed=cfg.partition.seed)
         for system in systems:
-            methods[system.name]["leakage"] = leakage(system, results[system.name], splits, args)
+            res = results[system.name]
+            methods[system.name]["leakage"] = audit_system(
+                system.cfg, system.kind, res.final_state, res.pooled, splits, members, nonmembers,
+                lira_shadows=args.lira_shadows)
     report = {
         "title": f"feddistill compare: {cfg.distill.method} vs FedAvg vs random real ({cfg.dataset})",
         "config": args.flat,

@@ -154,21 +154,11 @@ def audit_row(row: dict, system: System, result, splits: DataSplits, members, no
     from privacy.audit import audit_system
 
     m = result.to_dict()
-    audit = audit_system(system.cfg, system.kind, result.final_state, result.pooled, splits, members,
-                         nonmembers, lira_shadows=lira_shadows)
-    loss = (audit["mia"] or {}).get("loss_threshold", {})
-    mem = audit["memorisation"] or {}
     return {**row, "system": system.name, "accuracy": m["final_accuracy"],
             "best_accuracy": m["best_accuracy"], "bytes_up": m["bytes_up"], "bytes_down": m["bytes_down"],
-            "wall_seconds": m["wall_seconds"],
-            **privacy_columns(m["privacy"]),
-            "mia_attack": "loss-threshold", "mia_auc": loss.get("auc"),
-            "mia_tpr_at_1pct_fpr": loss.get("tpr_at_1pct_fpr"),
-            "mia_tpr_at_0.1pct_fpr": loss.get("tpr_at_0_1pct_fpr"),
-            "lira": (audit["mia"] or {}).get("lira"), "mia_members": len(members),
-            "mia_nonmembers": len(nonmembers),
-            "memorisation_closer_to_private": mem.get("closer_to_private_l2"),
-            "memorisation": audit["memorisation"],
+            "wall_seconds": m["wall_seconds"], **privacy_columns(m["privacy"]),
+            **audit_system(system.cfg, system.kind, result.final_state, result.pooled, splits, members,
+                           nonmembers, lira_shadows=lira_shadows),
             "clients_failed": [c for c in m["clients"] if c["status"] in ("failed", "rejected")]}
 
 

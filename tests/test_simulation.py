@@ -50,3 +50,21 @@ def test_compare_refuses_bad_input_before_running(tmp_path, capsys) -> None:
     code = compare_main(["--preset", "quick", "--partition", "zipf", "--out", str(out)])
     assert code == 2 and "unknown partition 'zipf'" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_compare_reports_leakage_columns_for_every_system(tmp_path) -> None:
+    import json
+
+    out = tmp_path / "cmp"
+    code = compare_main(["--preset", "quick", "--dataset", "digits", "--clients", "3", "--ipc", "2",
+                         "--fedavg-rounds", "1", "--audit-samples", "50", "--out", str(out)])
+    assert code == 0
+    methods = json.loads((out / "report.json").read_text())["methods"]
+    for name in ("distill", "random_real", "fedavg"):
+        leak = methods[name]["leakage"]
+        assert 0 <= leak["mia_auc"] <= 1 and leak["mia_members"] == 50, name
+    # random real samples are private images: at least the sampled sources are found exactly
+    assert methods["random_real"]["leakage"]["memorisation_closer_to_private"] > 0
+    assert methods["fedavg"]["leakage"]["memorisation"] is None
+    assert "Leakage" in (out / "report.md").read_text()
