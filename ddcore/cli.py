@@ -38,9 +38,9 @@ from ddcore.train import train_and_evaluate
 FLAGS = ("method", "ipc", "iterations", "init", "seed", "device", "model", "model-width", "batch-real",
          "lr-images", "outer-loop", "inner-loop", "dsa-strategy", "train-epochs", "train-min-steps",
          "model-norm", "target-epsilon", "delta", "max-grad-norm", "syn-steps", "lr-lr", "dd-fixed-init",
-         "mtt-experts", "mtt-expert-epochs", "iadd-lr-importance", "iadd-prune", "factor-hallucinators",
-         "factor-lr", "residual-alpha", "residual-every", "multires", "precision", "soft-labels", "lr-labels",
-         "teacher-epochs", "teacher-temperature")
+         "dd-augment", "mtt-syn-steps", "mtt-experts", "mtt-expert-epochs", "iadd-lr-importance",
+         "iadd-prune", "factor-hallucinators", "factor-lr", "residual-alpha", "residual-every", "multires",
+         "precision", "soft-labels", "lr-labels", "teacher-epochs", "teacher-temperature")
 # metrics.json key -> summary meta key, for DP runs
 DP_METRICS = {"epsilon_spent": "epsilon", "delta": "delta", "target_epsilon": "target-epsilon",
               "noise_multiplier": "noise-multiplier", "sample_rate": "sample-rate", "steps": "steps",

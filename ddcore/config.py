@@ -77,13 +77,15 @@ class DistillConfig:
     dp: DPConfig = field(default_factory=DPConfig)  # privacy (needs the ``privacy`` package)
     seed: int = 0
     device: str = "cpu"
-    # unrolled methods (DD, MTT, IADD): inner steps on the synthetic set and their learned step size
-    syn_steps: int = 5  # SGD steps unrolled on the synthetic set per image update
-    lr_lr: float = 0.01  # Adam step on the log of the learned step sizes
+    # unrolled methods (DD, MTT, IADD): Adam step on the log of their learned step sizes
+    lr_lr: float = 0.01
     # meta-model matching (DD)
+    syn_steps: int = 5  # SGD steps DD unrolls on the synthetic set per image update (one learned lr each)
     dd_fixed_init: bool = False  # unroll from one fixed network instead of a fresh one each update
+    dd_augment: bool = False  # apply dsa_strategy inside DD's unroll (Wang et al. train on the plain images)
     dd_batch_real: int = 32  # real images per class in the outer loss (batch_real is per class too)
     # trajectory matching (MTT, IADD): experts trained on the client's own data once per call
+    mtt_syn_steps: int = 20  # N: SGD steps of the student on the synthetic set per image update
     mtt_experts: int = 2  # expert trajectories
     mtt_expert_epochs: int = 6  # epochs per expert, one checkpoint after each (plus the start)
     mtt_expert_span: int = 2  # M: the student matches the expert this many epochs ahead
@@ -127,11 +129,13 @@ class DistillConfig:
     def _check_unrolled(self) -> None:
         """Validate the DD / MTT / IADD fields."""
         counts = {"syn-steps": self.syn_steps, "dd-batch-real": self.dd_batch_real,
-                  "mtt-experts": self.mtt_experts, "mtt-expert-span": self.mtt_expert_span}
+                  "mtt-syn-steps": self.mtt_syn_steps, "mtt-experts": self.mtt_experts,
+                  "mtt-expert-span": self.mtt_expert_span}
         small = [f"{k}={v}" for k, v in counts.items() if v < 1]
         if small or self.mtt_max_start < 0:
             raise ConfigError(f"{', '.join(small) or f'mtt-max-start={self.mtt_max_start}'}: "
-                              "syn-steps, dd-batch-real, mtt-experts, mtt-expert-span must be >= 1 "
+                              "syn-steps, dd-batch-real, mtt-syn-steps, mtt-experts, mtt-expert-span must be "
+                              ">= 1 "
                               "and mtt-max-start >= 0")
         if self.mtt_max_start + self.mtt_expert_span > self.mtt_expert_epochs:
             raise ConfigError(f"mtt-max-start + mtt-expert-span ({self.mtt_max_start} + "

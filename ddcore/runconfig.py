@@ -90,6 +90,8 @@ _KEYS: dict[str, tuple[str, str]] = {
     "lr-lr": ("distill", "lr_lr"),
     "dd-fixed-init": ("distill", "dd_fixed_init"),
     "dd-batch-real": ("distill", "dd_batch_real"),
+    "dd-augment": ("distill", "dd_augment"),
+    "mtt-syn-steps": ("distill", "mtt_syn_steps"),
     "mtt-experts": ("distill", "mtt_experts"),
     "mtt-expert-epochs": ("distill", "mtt_expert_epochs"),
     "mtt-expert-span": ("distill", "mtt_expert_span"),

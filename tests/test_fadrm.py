@@ -26,7 +26,8 @@ from ddcore.train import train_and_evaluate
 
 SPEC = ModelSpec(width=8, depth=2)
 CFG = DistillConfig(method="dm", ipc=2, iterations=6, batch_real=16, dd_batch_real=16, init="noise",
-                    model=SPEC, syn_steps=3, mtt_expert_epochs=3, mtt_expert_span=2, mtt_max_start=1)
+                    model=SPEC, syn_steps=3, mtt_syn_steps=3, mtt_expert_epochs=3, mtt_expert_span=2,
+                    mtt_max_start=1)
 
 
 def factory(data):

@@ -22,7 +22,7 @@ from ddcore.runconfig import from_flat
 
 SPEC = ModelSpec(width=8, depth=2)
 CFG = DistillConfig(ipc=2, iterations=30, batch_real=16, dd_batch_real=16, init="noise", model=SPEC,
-                    syn_steps=3, mtt_expert_epochs=3, mtt_expert_span=2, mtt_max_start=1)
+                    syn_steps=3, mtt_syn_steps=3, mtt_expert_epochs=3, mtt_expert_span=2, mtt_max_start=1)
 
 
 def factory(data):
@@ -131,8 +131,9 @@ def test_extra_methods_have_the_shared_shape(tiny, method) -> None:
 
 def test_run_config_keys_reach_the_methods() -> None:
     cfg = from_flat({"method": "mtt", "syn-steps": 7, "dd-fixed-init": "true", "mtt-expert-epochs": 9,
-                     "iadd-prune": 0.2}).distill
+                     "iadd-prune": 0.2, "dd-augment": "true", "mtt-syn-steps": 4}).distill
     assert (cfg.method, cfg.syn_steps, cfg.dd_fixed_init, cfg.mtt_expert_epochs, cfg.iadd_prune) == \
         ("mtt", 7, True, 9, 0.2)
+    assert (cfg.dd_augment, cfg.mtt_syn_steps) == (True, 4)
     with pytest.raises(ConfigError, match="raise mtt-expert-epochs"):
         from_flat({"mtt-expert-epochs": 2})

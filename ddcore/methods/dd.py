@@ -21,6 +21,9 @@ from ddcore.summary import Summary
 from ddcore.train import Progress
 
 TRAIN_MOMENTUM = TrainConfig().momentum  # the heavy-ball momentum train_model applies to Summary.lrs
+# Adam step on the images when lr_images is unset: right at IPC 10 on mnist5k; IPC 1 gains from
+# 0.05 (+11 points there, -5.6 at IPC 10: docs/benchmark_methods.md)
+LR_IMAGES = 0.01
 
 
 def to_trainer_lrs(step_sizes: torch.Tensor) -> torch.Tensor:
@@ -47,8 +50,10 @@ def distill(
 
     Each update draws a fresh network (or reuses one with ``cfg.dd_fixed_init``), trains it
     functionally on the synthetic set, and backpropagates the trained network's loss on
-    ``dd_batch_real`` real images per class through the whole unroll. The unroll is plain SGD;
-    ``Summary.lrs`` holds the learned steps converted for train_model's momentum SGD.
+    ``dd_batch_real`` real images per class through the whole unroll. The unroll is plain SGD on
+    the plain images (``cfg.dd_augment`` applies ``dsa_strategy`` in it: at IPC 1 on mnist5k that
+    cost 6 points, docs/benchmark_methods.md); ``Summary.lrs`` holds the learned steps converted
+    for train_model's momentum SGD.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     index = ClassIndex(data.y, data.num_classes)
@@ -57,14 +62,16 @@ def distill(
     targets = Targets(synthetic.labels, data.num_classes, cfg, init)  # hard, or learned soft labels
     classes = sorted(set(synthetic.labels.tolist()))
     log_lrs = initial_log_lrs(cfg, init).requires_grad_(True)  # (syn_steps,)
-    opt = torch.optim.Adam([*synthetic.param_groups(cfg.lr_or(0.01)), {"params": [log_lrs], "lr": cfg.lr_lr},
+    images = synthetic.param_groups(cfg.lr_or(LR_IMAGES))
+    opt = torch.optim.Adam([*images, {"params": [log_lrs], "lr": cfg.lr_lr},
                             *targets.param_groups()])
     fixed = model_factory(generator) if cfg.dd_fixed_init else None
+    strategy = cfg.dsa_strategy if cfg.dd_augment else "none"
     for it in range(cfg.iterations):
         net = fixed if fixed is not None else model_factory(generator)
         with options.autocast():
             trained = unroll(net, params_of(net), options.images(), targets.current(), log_lrs.exp(),
-                             cfg.dsa_strategy, generator)
+                             strategy, generator)
             idx = torch.cat([index.sample(c, cfg.dd_batch_real, generator) for c in classes])
             real_x, real_y = data.x[idx].to(cfg.device), data.y[idx].to(cfg.device)  # (b, C, H, W), (b,)
             loss = F.cross_entropy(functional_call(net, trained, (real_x,)), real_y)

@@ -8,7 +8,7 @@ from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
 from ddcore.methods.base import start_synthetic
-from ddcore.methods.mtt import expert_trajectories, initial_log_lr, match_distances
+from ddcore.methods.mtt import LR_IMAGES, expert_trajectories, initial_log_lr, match_distances
 from ddcore.methods.options import ImageOptions
 from ddcore.methods.soft_labels import Targets
 from ddcore.models import ModelFactory
@@ -58,7 +58,8 @@ def distill(
     logits = torch.zeros(len(names), device=cfg.device, requires_grad=True)  # (T,)
     alive = torch.ones(len(names), dtype=torch.bool, device=cfg.device)
     log_lr = initial_log_lr(data, cfg).requires_grad_(True)
-    opt = torch.optim.Adam([*synthetic.param_groups(cfg.lr_or(0.01)), {"params": [log_lr], "lr": cfg.lr_lr},
+    images = synthetic.param_groups(cfg.lr_or(LR_IMAGES))
+    opt = torch.optim.Adam([*images, {"params": [log_lr], "lr": cfg.lr_lr},
                             {"params": [logits], "lr": cfg.iadd_lr_importance}, *targets.param_groups()])
     for it in range(cfg.iterations):
         with options.autocast():

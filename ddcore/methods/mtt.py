@@ -20,6 +20,9 @@ from ddcore.train import Progress, num_steps, train_model
 
 log = logging.getLogger(__name__)
 Trajectory = list[Params]  # checkpoints after 0, 1, ..., mtt_expert_epochs epochs
+# Adam step on the images when lr_images is unset (MTT and IADD; 0.01 left mnist5k IPC 1 images
+# near their real start in 100 updates: docs/benchmark_methods.md)
+LR_IMAGES = 0.1
 
 
 def expert_config(cfg: DistillConfig) -> TrainConfig:
@@ -46,9 +49,9 @@ def expert_trajectories(
 
 
 def initial_log_lr(data: Dataset, cfg: DistillConfig) -> torch.Tensor:
-    """The student's log step size: covers the experts' span, lr_net * expert steps / syn_steps."""
+    """The student's log step size: covers the experts' span, lr_net * expert steps / mtt_syn_steps."""
     expert_steps = cfg.mtt_expert_span * num_steps(len(data), expert_config(cfg))
-    return torch.tensor(math.log(cfg.lr_net * expert_steps / cfg.syn_steps), device=cfg.device)
+    return torch.tensor(math.log(cfg.lr_net * expert_steps / cfg.mtt_syn_steps), device=cfg.device)
 
 
 def match_distances(
@@ -60,14 +63,14 @@ def match_distances(
     cfg: DistillConfig,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start a student at a random expert checkpoint t, train it ``syn_steps`` steps on the images.
+    """Start a student at a random expert checkpoint t, train it ``mtt_syn_steps`` steps on the images.
 
     Returns per-tensor (T,) squared distances student->expert_{t+M} and expert_t->expert_{t+M}.
     """
     trajectory = experts[int(torch.randint(len(experts), (1,), generator=generator))]
     t = int(torch.randint(cfg.mtt_max_start + 1, (1,), generator=generator))
     begin, target = trajectory[t], trajectory[t + cfg.mtt_expert_span]
-    lrs = log_lr.exp().expand(cfg.syn_steps)
+    lrs = log_lr.exp().expand(cfg.mtt_syn_steps)
     student = unroll(net, begin, images, labels, lrs, cfg.dsa_strategy, generator)
     return tensor_distances(student, begin, target)
 
@@ -91,7 +94,8 @@ def distill(
     experts = expert_trajectories(data, model_factory, cfg, generator)
     net = model_factory(generator)  # the architecture for functional calls; its weights are unused
     log_lr = initial_log_lr(data, cfg).requires_grad_(True)
-    opt = torch.optim.Adam([*synthetic.param_groups(cfg.lr_or(0.01)), {"params": [log_lr], "lr": cfg.lr_lr},
+    images = synthetic.param_groups(cfg.lr_or(LR_IMAGES))
+    opt = torch.optim.Adam([*images, {"params": [log_lr], "lr": cfg.lr_lr},
                             *targets.param_groups()])
     for it in range(cfg.iterations):
         with options.autocast():
