@@ -185,6 +185,25 @@ def from_flat(values: Mapping[str, Scalar], base: RunConfig | None = None) -> Ru
     )
 
 
+def distill_changes(values: Mapping[str, Scalar], base: DistillConfig) -> dict[str, object]:
+    """The :class:`DistillConfig` fields that the flat distillation keys ``values`` set over ``base``.
+
+    Keys of the other sections (partition, model, DP, server training, rounds) raise
+    :class:`ConfigError` naming the accepted ones; values are converted as in :func:`from_flat`.
+    """
+    accepted = [key for key, (section, _) in _KEYS.items() if section == "distill"]
+    other = sorted(set(values) - set(accepted))
+    if other:
+        raise ConfigError(f"{', '.join(other)}: not distillation setting(s); accepted: {', '.join(accepted)}")
+    changes = {}
+    for key, value in values.items():
+        name = _KEYS[key][1]
+        changes[name] = _convert(key, value, getattr(base, name))
+    if changes.get("lr_images") == 0.0:
+        changes["lr_images"] = None
+    return changes
+
+
 def _convert(key: str, value: Scalar, current: object) -> object:
     """Convert ``value`` to the type of ``current`` (the field's present value)."""
     kind = type(current) if current is not None else float

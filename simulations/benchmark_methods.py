@@ -29,15 +29,17 @@ from ddcore.cli import check_ipc
 from ddcore.config import DistillConfig, TrainConfig
 from ddcore.data import DataSplits, load_dataset
 from ddcore.errors import ConfigError
-from ddcore.methods import METHODS, distill
+from ddcore.methods import METHODS, check_method, distill
 from ddcore.models import MODELS, ModelSpec, model_factory
 from ddcore.profile import measure
-from ddcore.runconfig import RUN_PRESETS, RunConfig, check_device
+from ddcore.runconfig import RUN_PRESETS, RunConfig, check_device, distill_changes
 from ddcore.train import train_and_evaluate
 from server.report import atomic_write, environment
-from simulations.common import fail
+from simulations.common import fail, parse_set
 
 METHOD_ORDER = ("random_real", "herding", "dm", "gm", "dd", "mtt", "iadd")
+BASELINES = ("random_real", "herding")  # the plain reference rows: ``--set`` options never apply to them
+FIXED_KEYS = ("method", "ipc", "device")  # set per job by the benchmark itself (--methods, --ipc, --device)
 ARCH_NAMES = {"convnet": "ConvNet", "mlp": "MLP", "lenet": "LeNet", "resnet": "ResNet"}
 # Published full-MNIST test accuracy (%) at IPC 1 / 10, ConvNet-128: DC (Zhao et al. 2021),
 # DSA (Zhao & Bilen 2021), DM (Zhao & Bilen 2023). Our gm is DC with DSA, our dm is DM.
@@ -54,10 +56,13 @@ class Budget:
     note: str
     # (method, ipc) -> overrides on top of ``methods`` for that IPC only (papers tune per IPC too)
     per_ipc: Mapping[tuple[str, int], Mapping[str, object]] = field(default_factory=dict)
+    # DistillConfig fields set by ``--set`` for every method except the baselines, over all the above
+    options: Mapping[str, object] = field(default_factory=dict)
 
     def overrides(self, method: str, ipc: int) -> dict[str, object]:
         """The DistillConfig fields this budget sets for ``method`` at ``ipc``."""
-        return {**self.methods.get(method, {}), **self.per_ipc.get((method, ipc), {})}
+        options = {} if method in BASELINES else self.options
+        return {**self.methods.get(method, {}), **self.per_ipc.get((method, ipc), {}), **options}
 
     def config(self, method: str, ipc: int, seed: int, device: str) -> DistillConfig:
         """The distillation settings of one job."""
@@ -114,11 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="benchmark", choices=sorted(BUDGETS),
                         help="distillation and evaluation budget")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="distillation run-config keys for every method but the baselines, e.g. "
+                             "--set multires=0.5 or --set soft-labels=teacher")
     return parser
 
 
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def with_options(budget: Budget, items: list[str], methods: list[str], ipcs: list[int]) -> Budget:
+    """``budget`` with the ``--set`` options; raises if a method cannot honour them."""
+    pairs = parse_set(items)
+    fixed = sorted(set(pairs) & set(FIXED_KEYS))
+    if fixed:
+        raise ConfigError(f"--set {', '.join(fixed)}: use --methods / --ipc / --device instead")
+    budget = replace(budget, options=distill_changes(pairs, budget.distill))
+    for method in methods:
+        for ipc in ipcs:
+            check_method(budget.config(method, ipc, seed=0, device="cpu"))
+    return budget
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], list[str], DataSplits]:
@@ -163,6 +184,7 @@ def run_job(splits: DataSplits, budget: Budget, method: str, ipc: int, seed: int
            "distill_seconds": m.seconds, "distill_cpu_seconds": time.process_time() - cpu,
            "peak_rss_mb": m.peak_rss_mb,
            "summary_bytes": int(sum(a.nbytes for a in summary.to_arrays().values())),
+           "settings": budget.overrides(method, ipc),  # what this job set over the budget's distill
            "accuracy": {}, "loss": {}, "train_seconds": {}}
     for arch in archs:
         arch_factory = model_factory(replace(cfg.model, name=arch), train.image_shape, train.num_classes,
@@ -243,6 +265,9 @@ def markdown(report: dict) -> str:
              f"other columns train a different architecture on the same summary. Wall time "
              f"{report['wall_seconds'] / 60:.1f} min, {report['environment']['torch_threads']} torch "
              f"thread(s).", ""]
+    if cfg.get("options"):
+        lines += ["Options (`--set`, every method but " + " and ".join(BASELINES) + "): "
+                  + ", ".join(f"`{k}={v}`" for k, v in cfg["options"].items()) + ".", ""]
     for ipc, table in report["results"].items():
         has_base = "random_real" in table
         head = ["method", *[ARCH_NAMES.get(a, a) for a in archs], "distill s", "peak MiB", "summary bytes"]
@@ -292,13 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         methods, ipcs, archs, splits = check_args(args)
+        budget = with_options(BUDGETS[args.preset], args.set, methods, ipcs)
     except ValueError as exc:
         return fail(exc)
     if args.threads:
         torch.set_num_threads(args.threads)
     from tqdm import tqdm
 
-    budget = BUDGETS[args.preset]
     jobs = [(m, ipc, s) for ipc in ipcs for m in methods for s in range(args.seeds)]
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / "results.jsonl"
@@ -315,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         "title": "feddistill methods benchmark",
         "config": {"dataset": splits.train.name, "train_examples": len(splits.train),
                    "test_examples": len(splits.test), "methods": methods, "ipc": ipcs, "seeds": args.seeds,
-                   "archs": archs, "preset": args.preset, "device": args.device, "data_seed": 0},
+                   "archs": archs, "preset": args.preset, "device": args.device, "data_seed": 0,
+                   "options": parse_set(args.set)},
         "budget": {"note": budget.note, "distill": _plain(asdict(budget.distill)),
                    "methods": {m: {str(ipc): budget.overrides(m, ipc) for ipc in ipcs} for m in methods},
                    "train": asdict(budget.train)},

@@ -69,6 +69,11 @@ def test_verdict_uses_twice_the_pooled_std() -> None:
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--ipc", "1,x"], "--ipc takes a comma list"),
     (["--device", "gpu0"], "is not a torch device"),
+    (["--set", "soft-labels=learned"], "soft-labels=learned needs a method that unrolls"),  # dm cannot
+    (["--set", "train-lr=1"], "train-lr: not distillation setting"),
+    (["--set", "ipc=3"], "use --methods / --ipc / --device"),
+    (["--set", "multires=2"], "multires is the fraction"),
+    (["--set", "multires"], "--set takes KEY=VALUE"),
 ])
 def test_benchmark_refuses_bad_input_and_writes_nothing(tmp_path, capsys, bad, message) -> None:
     out = tmp_path / "out"
@@ -87,3 +92,21 @@ def test_resnet_builds_seeded_with_embeddings(shape) -> None:
     emb = a.embed(x)
     assert emb.shape == (4, 32) and a(x).shape == (4, 10)  # 8 -> 16 -> 32 channels, pooled
     assert emb.std(0).sum() > 0  # not flattened to a constant by instance norm on 1x1 maps
+
+
+def test_set_options_apply_to_the_matching_methods_only(tmp_path, one_thread) -> None:
+    args = [a if a != "random_real,dm" else "random_real,herding,dm" for a in ARGS]
+    assert main(["--out", str(tmp_path), *args, "--set", "multires=0.6", "precision=bf16"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["options"] == {"multires": "0.6", "precision": "bf16"}
+    settings = {r["method"]: r["settings"] for r in report["runs"]}
+    assert settings["dm"]["multires"] == 0.6 and settings["dm"]["precision"] == "bf16"
+    assert "multires" not in settings["random_real"] and "precision" not in settings["herding"]
+    assert "Options (`--set`, every method but random_real and herding): `multires=0.6`, `precision=bf16`." \
+        in (tmp_path / "report.md").read_text()
+    # the option reached the distillation: bf16 autocast gives another dm summary than fp32
+    plain = tmp_path / "plain"
+    assert main(["--out", str(plain), *args, "--methods", "dm"]) == 0
+    with_opts = [r for r in report["runs"] if r["method"] == "dm"]
+    without = json.loads((plain / "report.json").read_text())["runs"]
+    assert [r["loss"] for r in with_opts] != [r["loss"] for r in without]

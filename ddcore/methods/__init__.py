@@ -52,6 +52,17 @@ def method_name(cfg: DistillConfig) -> str:
     return cfg.method
 
 
+def check_method(cfg: DistillConfig) -> str:
+    """The method ``cfg`` runs; raises :class:`ConfigError` if it cannot honour ``cfg``'s options."""
+    name = method_name(cfg)
+    METHODS.get(name)  # raises, listing the known ones
+    if cfg.factorised and name not in FACTORISED:
+        raise ConfigError(f"method {name!r} cannot make a factorised summary; use one of "
+                          f"{', '.join(sorted(FACTORISED))} or drop factorised (--factorised)")
+    check_options(name, cfg)
+    return name
+
+
 def distill(
     data: Dataset,
     model_factory: ModelFactory,
@@ -64,16 +75,11 @@ def distill(
     The method applies the options it supports (:mod:`ddcore.methods.options`; any other raises);
     teacher soft labels relabel the finished summary, whatever the method.
     """
-    name = method_name(cfg)
-    method = METHODS.get(name)
-    if cfg.factorised and name not in FACTORISED:
-        raise ConfigError(f"method {name!r} cannot make a factorised summary; use one of "
-                          f"{', '.join(sorted(FACTORISED))} or drop factorised (--factorised)")
-    check_options(name, cfg)
-    summary = method(data, model_factory, cfg, init, progress)
+    name = check_method(cfg)
+    summary = METHODS.get(name)(data, model_factory, cfg, init, progress)
     if cfg.soft_labels == "teacher":
         summary = teacher_labels(summary, data, model_factory, cfg)
     return summary.with_meta(**options_meta(cfg))
 
 
-__all__ = ["FACTORISED", "METHODS", "Method", "distill", "method_name", "register_method"]
+__all__ = ["FACTORISED", "METHODS", "Method", "check_method", "distill", "method_name", "register_method"]
