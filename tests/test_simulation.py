@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ddcore.runconfig import from_flat, run_preset
 from simulations.common import System, check_partitions, run_in_simulation
@@ -68,3 +69,24 @@ def test_compare_reports_leakage_columns_for_every_system(tmp_path) -> None:
     assert methods["random_real"]["leakage"]["memorisation_closer_to_private"] > 0
     assert methods["fedavg"]["leakage"]["memorisation"] is None
     assert "Leakage" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_every_seed_method_runs_in_the_flower_client_through_the_run_config() -> None:
+    base = from_flat({"dataset": "digits", "num-clients": 3, "ipc": 1, "iterations": 3, "min-clients": 3,
+                      "fedavg-rounds": 0, "syn-steps": 2, "mtt-syn-steps": 2, "mtt-experts": 1,
+                      "mtt-expert-epochs": 2, "mtt-max-start": 1, "mtt-expert-span": 1},
+                     base=run_preset("quick"))
+    splits = check_partitions(base)
+    flats = {"dd": {"method": "dd", "soft-labels": "learned"}, "mtt": {"method": "mtt", "multires": 0.5},
+             "iadd": {"method": "iadd", "residual-alpha": 0.5, "residual-every": 1}}
+    systems = [System(name, "distill", from_flat(flat, base=base)) for name, flat in flats.items()]
+    results = run_in_simulation(base, splits.test, systems)
+
+    for name in flats:
+        res = results[name]
+        assert [e.status for e in res.ledger.entries] == ["accepted"] * 3, name
+        assert len(res.pooled) == sum(e.images for e in res.ledger.entries) > 0
+        assert 0.0 <= res.ledger.history[-1]["accuracy"] <= 1.0
+    assert results["dd"].pooled.soft and not results["mtt"].pooled.soft  # learned labels travel
+    assert not torch.equal(results["mtt"].pooled.images, results["iadd"].pooled.images)
