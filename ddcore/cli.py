@@ -6,8 +6,8 @@
 With --dp the DP variant of the method runs (from the ``privacy`` package, imported only
 then), starting from noise; metrics.json then records the epsilon actually spent.
 
-Writes DIR/metrics.json, DIR/summary.pt and DIR/synthetic.png, only once everything has
-succeeded. Bad input gives one line on stderr and exit code 2.
+Writes DIR/metrics.json, DIR/summary.pt, DIR/synthetic.png (and DIR/importances.png for
+iadd), only once everything has succeeded. Bad input gives one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -135,6 +135,11 @@ def run_distill(args: argparse.Namespace) -> dict:
                "summary_bytes": sum(a.nbytes for a in summary.to_arrays().values())}
     if summary.meta.get("dp"):
         metrics.update({k: summary.meta[v] for k, v in DP_METRICS.items()})
+    from ddcore.plots import importances
+
+    if importances(summary):  # IADD: which parameter tensors the summary was matched on
+        metrics["importances"] = importances(summary)
+        metrics["pruned_tensors"] = int(summary.meta["pruned-tensors"])
     metrics.update(_evaluate("", summary, splits, cfg, args.quiet))
     if not args.no_baseline and cfg.distill.method != "random_real":  # a non-private reference
         plain = replace(cfg.distill, method="random_real", dp=replace(cfg.distill.dp, enabled=False),
@@ -144,12 +149,10 @@ def run_distill(args: argparse.Namespace) -> dict:
         metrics.update(_evaluate("random_real_", baseline, splits, cfg, args.quiet))
     from importlib.metadata import version
 
-    from ddcore.plots import plot_summary
-
     metrics["config"] = to_flat(cfg)
     metrics["versions"] = {p: version(p) for p in ("torch", "numpy")}
     metrics["torch_threads"] = torch.get_num_threads()
-    _write_outputs(out, metrics, summary, splits.train, plot_summary)
+    _write_outputs(out, metrics, summary, splits.train, cfg.distill.iadd_prune)
     return metrics
 
 
@@ -166,13 +169,20 @@ def _evaluate(prefix: str, summary: Summary, splits, cfg: RunConfig, quiet: bool
             f"{prefix}train_seconds": time.perf_counter() - start}
 
 
-def _write_outputs(out: Path, metrics: dict, summary: Summary, data: Dataset, plot) -> None:
-    """Write everything into a temporary folder beside ``out``, then move the files in."""
+def _write_outputs(out: Path, metrics: dict, summary: Summary, data: Dataset, prune: float) -> None:
+    """Write everything into a temporary folder beside ``out``, then move the files in.
+
+    Files: summary.pt, synthetic.png, metrics.json, and importances.png for IADD summaries.
+    """
+    from ddcore.plots import plot_importances, plot_summary
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         summary.with_meta(seed=metrics["config"]["seed"]).save(tmp / "summary.pt")
-        plot(summary, data, tmp / "synthetic.png")
+        plot_summary(summary, data, tmp / "synthetic.png")
+        if "importances" in metrics:
+            plot_importances(metrics["importances"], tmp / "importances.png", threshold=prune)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         out.mkdir(exist_ok=True)
         for f in tmp.iterdir():

@@ -59,3 +59,25 @@ def test_ddcore_never_imports_flower() -> None:
 def test_pyproject_run_config_equals_the_defaults() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert config == to_flat(RunConfig())
+
+
+def test_iadd_reports_and_plots_its_learned_importances(tmp_path) -> None:
+    out = tmp_path / "iadd"
+    code = main(["distill", "--dataset", "digits", "--method", "iadd", "--ipc", "1", "--preset", "quick",
+                 "--iterations", "4", "--mtt-syn-steps", "2", "--mtt-experts", "1",
+                 "--mtt-expert-epochs", "5", "--iadd-lr-importance", "0.5", "--out", str(out), "--quiet",
+                 "--no-baseline"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    weights = metrics["importances"]
+    assert list(weights)[:2] == ["features.0.weight", "features.0.bias"]  # one per tensor, network order
+    live = [w for w in weights.values() if w > 0]
+    assert len(live) == len(weights) - metrics["pruned_tensors"]
+    assert abs(sum(live) / len(live) - 1.0) < 1e-5  # mean 1 over the live tensors
+    assert len(set(weights.values())) > 1  # learned: no longer all equal after 4 updates at step 0.5
+    assert (out / "importances.png").stat().st_size > 0
+    dm = tmp_path / "dm"
+    assert main(["distill", "--dataset", "digits", "--method", "dm", "--ipc", "1", "--preset", "quick",
+                 "--out", str(dm), "--quiet", "--no-baseline"]) == 0
+    assert not (dm / "importances.png").exists() and "importances" not in json.loads(
+        (dm / "metrics.json").read_text())
