@@ -135,11 +135,11 @@ def run_distill(args: argparse.Namespace) -> dict:
                "summary_bytes": sum(a.nbytes for a in summary.to_arrays().values())}
     if summary.meta.get("dp"):
         metrics.update({k: summary.meta[v] for k, v in DP_METRICS.items()})
-    from ddcore.plots import importances
+    from ddcore.methods.iadd import importances_of
 
-    if importances(summary):  # IADD: which parameter tensors the summary was matched on
-        metrics["importances"] = importances(summary)
-        metrics["pruned_tensors"] = int(summary.meta["pruned-tensors"])
+    weights = importances_of(summary)
+    if weights:  # IADD: which parameter tensors the summary was matched on
+        metrics.update(importances=weights, pruned_tensors=int(summary.meta["pruned-tensors"]))
     metrics.update(_evaluate("", summary, splits, cfg, args.quiet))
     if not args.no_baseline and cfg.distill.method != "random_real":  # a non-private reference
         plain = replace(cfg.distill, method="random_real", dp=replace(cfg.distill.dp, enabled=False),
@@ -152,7 +152,7 @@ def run_distill(args: argparse.Namespace) -> dict:
     metrics["config"] = to_flat(cfg)
     metrics["versions"] = {p: version(p) for p in ("torch", "numpy")}
     metrics["torch_threads"] = torch.get_num_threads()
-    _write_outputs(out, metrics, summary, splits.train, cfg.distill.iadd_prune)
+    _write_outputs(out, metrics, summary, splits.train)
     return metrics
 
 
@@ -169,7 +169,7 @@ def _evaluate(prefix: str, summary: Summary, splits, cfg: RunConfig, quiet: bool
             f"{prefix}train_seconds": time.perf_counter() - start}
 
 
-def _write_outputs(out: Path, metrics: dict, summary: Summary, data: Dataset, prune: float) -> None:
+def _write_outputs(out: Path, metrics: dict, summary: Summary, data: Dataset) -> None:
     """Write everything into a temporary folder beside ``out``, then move the files in.
 
     Files: summary.pt, synthetic.png, metrics.json, and importances.png for IADD summaries.
@@ -182,7 +182,8 @@ def _write_outputs(out: Path, metrics: dict, summary: Summary, data: Dataset, pr
         summary.with_meta(seed=metrics["config"]["seed"]).save(tmp / "summary.pt")
         plot_summary(summary, data, tmp / "synthetic.png")
         if "importances" in metrics:
-            plot_importances(metrics["importances"], tmp / "importances.png", threshold=prune)
+            plot_importances(metrics["importances"], tmp / "importances.png",
+                             threshold=metrics["config"]["iadd-prune"])
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         out.mkdir(exist_ok=True)
         for f in tmp.iterdir():

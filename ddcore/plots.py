@@ -34,12 +34,6 @@ def plot_summary(summary: Summary, data: Dataset, path: Path, per_class: int = 1
     plt.close(fig)
 
 
-def importances(summary: Summary) -> dict[str, float]:
-    """The per-tensor importances an IADD summary records in its meta (empty for other methods)."""
-    prefix = "importance:"
-    return {k[len(prefix):]: float(v) for k, v in summary.meta.items() if k.startswith(prefix)}
-
-
 def plot_importances(weights: dict[str, float], path: Path, threshold: float | None = None) -> None:
     """A bar per parameter tensor (network order): the weight IADD's loss gives it; 0 = pruned."""
     import matplotlib

@@ -195,13 +195,8 @@ def distill_changes(values: Mapping[str, Scalar], base: DistillConfig) -> dict[s
     other = sorted(set(values) - set(accepted))
     if other:
         raise ConfigError(f"{', '.join(other)}: not distillation setting(s); accepted: {', '.join(accepted)}")
-    changes = {}
-    for key, value in values.items():
-        name = _KEYS[key][1]
-        changes[name] = _convert(key, value, getattr(base, name))
-    if changes.get("lr_images") == 0.0:
-        changes["lr_images"] = None
-    return changes
+    distill = from_flat(values, base=RunConfig(distill=base)).distill
+    return {_KEYS[key][1]: getattr(distill, _KEYS[key][1]) for key in values}
 
 
 def _convert(key: str, value: Scalar, current: object) -> object:

@@ -129,9 +129,8 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def with_options(budget: Budget, items: list[str], methods: list[str], ipcs: list[int]) -> Budget:
+def with_options(budget: Budget, pairs: Mapping[str, str], methods: list[str], ipcs: list[int]) -> Budget:
     """``budget`` with the ``--set`` options; raises if a method cannot honour them."""
-    pairs = parse_set(items)
     fixed = sorted(set(pairs) & set(FIXED_KEYS))
     if fixed:
         raise ConfigError(f"--set {', '.join(fixed)}: use --methods / --ipc / --device instead")
@@ -317,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         methods, ipcs, archs, splits = check_args(args)
-        budget = with_options(BUDGETS[args.preset], args.set, methods, ipcs)
+        options = parse_set(args.set)
+        budget = with_options(BUDGETS[args.preset], options, methods, ipcs)
     except ValueError as exc:
         return fail(exc)
     if args.threads:
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"dataset": splits.train.name, "train_examples": len(splits.train),
                    "test_examples": len(splits.test), "methods": methods, "ipc": ipcs, "seeds": args.seeds,
                    "archs": archs, "preset": args.preset, "device": args.device, "data_seed": 0,
-                   "options": parse_set(args.set)},
+                   "options": options},
         "budget": {"note": budget.note, "distill": _plain(asdict(budget.distill)),
                    "methods": {m: {str(ipc): budget.overrides(m, ipc) for ipc in ipcs} for m in methods},
                    "train": asdict(budget.train)},

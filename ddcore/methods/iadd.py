@@ -15,11 +15,18 @@ from ddcore.models import ModelFactory
 from ddcore.summary import Summary
 from ddcore.train import Progress
 
+IMPORTANCE = "importance:"  # meta key prefix: importance:<parameter name> -> weight
+
 
 def importances(logits: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
     """Per-tensor weights (T,): a softmax over the live tensors scaled to mean 1 there; pruned = 0."""
     masked = logits.masked_fill(~alive, float("-inf"))
     return torch.softmax(masked, 0) * alive.sum()
+
+
+def importances_of(summary: Summary) -> dict[str, float]:
+    """The per-tensor importances an IADD summary records in its meta (empty for other summaries)."""
+    return {k[len(IMPORTANCE):]: float(v) for k, v in summary.meta.items() if k.startswith(IMPORTANCE)}
 
 
 def weighted_match_loss(num: torch.Tensor, den: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -46,7 +53,8 @@ def distill(
 ) -> Summary:
     """Trajectory matching whose per-tensor importances are learned jointly with the images.
 
-    The final importances go into the summary's meta as ``importance:<parameter name>``.
+    The final importances go into the summary's meta as ``importance:<parameter name>``
+    (read them back with :func:`importances`).
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     synthetic = start_synthetic(data, cfg, init, generator)
@@ -72,6 +80,6 @@ def distill(
         if progress is not None:
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach()), "live": float(alive.sum())})
     weights = importances(logits.detach(), alive).cpu()
-    meta = {f"importance:{name}": float(w) for name, w in zip(names, weights, strict=True)}
+    meta = {f"{IMPORTANCE}{name}": float(w) for name, w in zip(names, weights, strict=True)}
     meta.update({"syn-lr": float(log_lr.detach().exp()), "pruned-tensors": int((~alive).sum())})
     return targets.finish(synthetic.summary(data, cfg)).with_meta(**meta)
