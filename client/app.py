@@ -43,8 +43,8 @@ def _local_data(cfg: RunConfig, context: Context) -> Dataset:
 def _read_config(message: Message) -> tuple[RunConfig, int, int]:
     """The run config, number of classes and round the server sent."""
     flat = dict(message.content[protocol.CONFIG])
-    num_classes = int(flat.pop("num-classes"))
-    server_round = int(flat.pop("server-round", 1))
+    num_classes = int(flat.pop(protocol.NUM_CLASSES))
+    server_round = int(flat.pop(protocol.SERVER_ROUND, 1))
     return from_flat(flat), num_classes, server_round
 
 
@@ -73,8 +73,9 @@ def distill_summary(message: Message, context: Context) -> Message:
         "images": len(summary),
     }
     if summary.meta.get("dp"):  # the privacy this summary spent (from the accountant)
-        metrics.update({k: summary.meta[k] for k in ("epsilon", "delta", "noise-multiplier",
-                                                     "sample-rate", "steps")})
+        from privacy.record import PRIVACY_KEYS
+
+        metrics.update({k: summary.meta[k] for k in PRIVACY_KEYS})
     resolution = cfg.summary_resolution or None
     content = protocol.summary_content(summary, cfg.summary_dtype, resolution, metrics)
     return Message(content=content, reply_to=message)
@@ -88,6 +89,7 @@ def dp_fedavg_round(data: Dataset, cfg: RunConfig, num_classes: int, state: dict
     epsilon spent so far (every local step of every round), not one round's.
     """
     from privacy.accounting import Accountant  # Opacus loads only for DP runs
+    from privacy.record import privacy_record
 
     accountant = Accountant()
     key = repr((cfg.partition, cfg.distill.dp, cfg.fedavg_rounds, cfg.local_epochs, cfg.local_batch_size,
@@ -96,10 +98,7 @@ def dp_fedavg_round(data: Dataset, cfg: RunConfig, num_classes: int, state: dict
         accountant.load_state_dict(dict(context.state[_ACCOUNTANT]))
     new_state, loss, m, plan = dp_fedavg_local(data, cfg, num_classes, state, seed, accountant)
     context.state[_ACCOUNTANT] = ConfigRecord({**accountant.state_dict(), "key": key})
-    metrics = {"epsilon": accountant.epsilon(plan.delta), "delta": plan.delta,
-               "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
-               "steps": accountant.steps, "max-grad-norm": plan.max_grad_norm}
-    return new_state, loss, m, metrics
+    return new_state, loss, m, privacy_record(plan, accountant)
 
 
 @app.train()

@@ -21,10 +21,11 @@ SUMMARY = "summary"  # ArrayRecord: the encoded summary a client sends
 META = "meta"  # ConfigRecord: the summary's metadata
 METRICS = "metrics"  # MetricRecord: num-examples, seconds, peak memory, ...
 
-DISTILL = "train.distill"  # message type of a distillation request
-FEDAVG = "train"  # message type of a FedAvg round (Flower's FedAvg sends plain "train")
+DISTILL = "train.distill"  # message type of a distillation request (FedAvg's is Flower's plain "train")
 
-EXTRA_KEYS = ("num-classes", "server-round")  # sent beside the flat run-config
+# sent in the CONFIG record beside the flat run-config
+NUM_CLASSES = "num-classes"  # the label space (a client may hold only some classes)
+SERVER_ROUND = "server-round"  # the round a distillation request belongs to
 
 
 def summary_content(summary: Summary, dtype: str, resolution: int | None, metrics: dict) -> RecordDict:

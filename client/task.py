@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -100,23 +99,16 @@ def fedavg_local(
     state: dict[str, torch.Tensor],
     seed: int,
 ) -> tuple[dict[str, torch.Tensor], float, Measurement]:
-    """One FedAvg client update: ``local_epochs`` of SGD from the global weights."""
+    """One FedAvg client update: the local recipe (``RunConfig.local_training``) from the global weights."""
     generator = torch.Generator().manual_seed(seed)
     model = build_model(cfg.distill.model, data.image_shape, num_classes, generator, cfg.distill.device)
     model.load_state_dict(state)
-    local = replace(cfg.train, epochs=cfg.local_epochs, lr=cfg.local_lr,
-                    batch_size=cfg.local_batch_size, min_steps=0, lr_decay=False)
     losses: list[float] = []
     with measure(cfg.distill.device) as m:
-        train_model(model, data.x, data.y, local, generator,
+        train_model(model, data.x, data.y, cfg.local_training(), generator,
                     progress=lambda step, total, metrics: losses.append(metrics["loss"]))
     mean_loss = sum(losses) / max(len(losses), 1)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, mean_loss, m
-
-
-def local_steps(num_examples: int, cfg: RunConfig) -> int:
-    """DP-SGD steps of one FedAvg round: ``local_epochs`` passes in expectation."""
-    return cfg.local_epochs * math.ceil(num_examples / cfg.local_batch_size)
 
 
 def dp_fedavg_local(
@@ -136,17 +128,13 @@ def dp_fedavg_local(
     ``accountant`` (kept by the caller across rounds) records every step; the epsilon it
     reports covers the whole run so far.
     """
-    from privacy.dpsgd import dpsgd_plan, dpsgd_train
+    from privacy.dpsgd import fedavg_dpsgd_plan, local_dpsgd, steps_per_round
 
-    dp = cfg.distill.dp
-    plan = dpsgd_plan(num_examples=len(data), batch_size=cfg.local_batch_size,
-                      epochs_per_round=cfg.local_epochs, rounds=max(cfg.fedavg_rounds, 1),
-                      target_epsilon=dp.target_epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm)
+    plan = fedavg_dpsgd_plan(cfg, len(data))
     generator = torch.Generator().manual_seed(seed)
     model = build_model(cfg.distill.model, data.image_shape, num_classes, generator, cfg.distill.device)
     model.load_state_dict(state)
     with measure(cfg.distill.device) as m:
-        loss = dpsgd_train(model, data, plan, accountant, steps=local_steps(len(data), cfg), lr=cfg.local_lr,
-                           momentum=cfg.train.momentum, generator=generator,
-                           weight_decay=cfg.train.weight_decay, dsa_strategy=cfg.train.dsa_strategy)
+        loss = local_dpsgd(model, data, cfg, plan, accountant, steps=steps_per_round(cfg, len(data)),
+                           generator=generator)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, loss, m, plan

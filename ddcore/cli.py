@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,26 +23,19 @@ import torch
 
 from ddcore.data import Dataset, load_dataset
 from ddcore.errors import ConfigError, DDCoreError
+from ddcore.files import staged_folder
 from ddcore.methods import distill, method_name
-from ddcore.methods.base import ClassIndex
+from ddcore.methods.base import check_ipc
 from ddcore.methods.options import without_options
 from ddcore.models import model_factory
 from ddcore.profile import measure
-from ddcore.runconfig import RUN_PRESETS, RunConfig, check_device, from_flat, run_preset, to_flat
+from ddcore.runconfig import RunConfig, check_device, from_flat, keys, run_preset, to_flat
+from ddcore.settings import add_settings, given, ignored_centrally
 from ddcore.summary import Summary
 from ddcore.train import train_and_evaluate
 
-# flag -> flat run-config key
-FLAGS = ("method", "ipc", "iterations", "init", "seed", "device", "model", "model-width", "batch-real",
-         "lr-images", "outer-loop", "inner-loop", "dsa-strategy", "train-epochs", "train-min-steps",
-         "model-norm", "target-epsilon", "delta", "max-grad-norm", "syn-steps", "lr-lr", "dd-fixed-init",
-         "dd-augment", "mtt-syn-steps", "mtt-experts", "mtt-expert-epochs", "iadd-lr-importance",
-         "iadd-prune", "factor-hallucinators", "factor-lr", "residual-alpha", "residual-every", "multires",
-         "precision", "soft-labels", "lr-labels", "teacher-epochs", "teacher-temperature")
-# metrics.json key -> summary meta key, for DP runs
-DP_METRICS = {"epsilon_spent": "epsilon", "delta": "delta", "target_epsilon": "target-epsilon",
-              "noise_multiplier": "noise-multiplier", "sample_rate": "sample-rate", "steps": "steps",
-              "max_grad_norm": "max-grad-norm", "accountant": "accountant"}
+# named flags: the dataset, the run seed and every distillation, model, DP and training key
+FLAGS = ("dataset", "data-dir", "seed", *keys("distill", "model", "dp", "train"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,49 +43,37 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("distill", help="distill a dataset and evaluate the summary")
-    p.add_argument("--dataset", default="mnist5k", help="registered name or path to .npz / ImageFolder")
-    p.add_argument("--data-dir", default=None, help="folder of torchvision dataset files")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<method>_ipc<k>)")
-    p.add_argument("--preset", default="default", choices=sorted(RUN_PRESETS))
     p.add_argument("--no-baseline", action="store_true",
                    help="skip evaluating random real samples of the same size")
-    for flag in FLAGS:
-        p.add_argument(f"--{flag}", default=None, help=f"overrides run-config '{flag}'")
-    p.add_argument("--dp", action="store_true",
-                   help="differential privacy: run the method's DP variant (init defaults to noise)")
-    p.add_argument("--factorised", action="store_true",
-                   help="factorised summary (dm, gm and their DP variants): ipc bases per class - the "
-                        "bytes of ipc images - decoded by --factor-hallucinators (default 4) tiny shared "
-                        "hallucinators into ipc x that many images per class")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_settings(p, FLAGS)
+    p.epilog = ("--dp runs the method's DP variant (from the privacy package; it needs --target-epsilon, "
+                "a number > 0 or inf for the DP code path without noise, and starts from noise). "
+                "--factorised: ipc bases per class - the bytes of ipc images - decoded by "
+                "--factor-hallucinators tiny shared hallucinators (dm, gm and their DP variants).")
     return parser
 
 
-def _config(args: argparse.Namespace) -> RunConfig:
-    overrides = {f: getattr(args, f.replace("-", "_")) for f in FLAGS if getattr(args, f.replace("-", "_"))}
-    if args.dp and args.target_epsilon is None:
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """The run settings of ``python -m ddcore distill``: preset, flags, ``--set``, and the DP rules."""
+    values = given(args, FLAGS)
+    base = run_preset(args.preset)
+    dp = from_flat(values, base=base).distill.dp.enabled
+    if dp and "target-epsilon" not in values:
         raise ConfigError("--dp needs --target-epsilon (a number > 0, or inf for the DP code path "
                           "without noise)")
-    if not args.dp and (args.target_epsilon or args.max_grad_norm):
+    if not dp and {"target-epsilon", "max-grad-norm"} & set(values):
         raise ConfigError("--target-epsilon / --max-grad-norm only act with --dp; add --dp")
-    if args.dp:
-        overrides["dp"] = True
-        overrides.setdefault("init", "noise")  # DP never starts from real images
-    if args.factorised:
-        overrides["factorised"] = True
-    cfg = from_flat(overrides, base=run_preset(args.preset))
+    if dp:
+        values.setdefault("init", "noise")  # DP never starts from real images
+    cfg = check_device(from_flat(values, base=base))
     if cfg.distill.dp.enabled or cfg.distill.method.startswith("dp-"):
         import privacy.methods  # noqa: F401  (registers dp-gm, dp-dm)
-    check_device(cfg)
+    ignored = ignored_centrally(values)
+    if ignored:
+        print(f"note: {', '.join(ignored)} only act in federated runs; ignored here", file=sys.stderr)
     return cfg
-
-
-def check_ipc(data: Dataset, ipc: int) -> None:
-    index = ClassIndex(data.y, data.num_classes)
-    smallest = min(index.count(c) for c in index.present())
-    if ipc > smallest:
-        raise ConfigError(f"ipc {ipc} exceeds the {smallest} examples of the smallest class of "
-                          f"{data.name}; use --ipc <= {smallest}")
 
 
 def _bar(desc: str, quiet: bool):
@@ -116,9 +95,9 @@ def _bar(desc: str, quiet: bool):
 
 
 def run_distill(args: argparse.Namespace) -> dict:
-    cfg = _config(args)
+    cfg = build_config(args)
     name = method_name(cfg.distill)
-    splits = load_dataset(args.dataset, data_dir=args.data_dir, seed=cfg.partition.seed)
+    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed)
     check_ipc(splits.train, cfg.distill.ipc)
     out = args.out or Path("runs") / f"{cfg.distill.method}_ipc{cfg.distill.ipc}"
     if out.exists() and not out.is_dir():
@@ -133,8 +112,11 @@ def run_distill(args: argparse.Namespace) -> dict:
     metrics = {"method": name, "ipc": cfg.distill.ipc, "dataset": splits.train.name,
                "images": len(summary), "distill_seconds": m.seconds, "distill_peak_rss_mb": m.peak_rss_mb,
                "summary_bytes": sum(a.nbytes for a in summary.to_arrays().values())}
-    if summary.meta.get("dp"):
-        metrics.update({k: summary.meta[v] for k, v in DP_METRICS.items()})
+    if summary.meta.get("dp"):  # the privacy record, snake_case (epsilon: the accountant's, spent)
+        from privacy.record import PRIVACY_KEYS
+
+        metrics.update({k.replace("-", "_"): summary.meta[k] for k in PRIVACY_KEYS})
+        metrics.update(epsilon_spent=metrics.pop("epsilon"), accountant=summary.meta["accountant"])
     from ddcore.methods.iadd import importances_of
 
     weights = importances_of(summary)
@@ -170,28 +152,16 @@ def _evaluate(prefix: str, summary: Summary, splits, cfg: RunConfig, quiet: bool
 
 
 def _write_outputs(out: Path, metrics: dict, summary: Summary, data: Dataset) -> None:
-    """Write everything into a temporary folder beside ``out``, then move the files in.
-
-    Files: summary.pt, synthetic.png, metrics.json, and importances.png for IADD summaries.
-    """
+    """summary.pt, synthetic.png, metrics.json (and importances.png for IADD), all or nothing."""
     from ddcore.plots import plot_importances, plot_summary
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        summary.with_meta(seed=metrics["config"]["seed"]).save(tmp / "summary.pt")
-        plot_summary(summary, data, tmp / "synthetic.png")
+    with staged_folder(out) as stage:
+        summary.with_meta(seed=metrics["config"]["seed"]).save(stage / "summary.pt")
+        plot_summary(summary, data, stage / "synthetic.png")
         if "importances" in metrics:
-            plot_importances(metrics["importances"], tmp / "importances.png",
+            plot_importances(metrics["importances"], stage / "importances.png",
                              threshold=metrics["config"]["iadd-prune"])
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        out.mkdir(exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        for f in tmp.glob("*"):
-            f.unlink()
-        tmp.rmdir()
+        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

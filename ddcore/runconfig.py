@@ -8,7 +8,7 @@ Its defaults (with ddcore's :mod:`ddcore.config` defaults inside) are the single
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 from ddcore.config import DistillConfig, TrainConfig
 from ddcore.errors import ConfigError
@@ -61,94 +61,77 @@ class RunConfig:
         if self.summary_resolution < 0:
             raise ConfigError(f"summary-resolution must be >= 0, got {self.summary_resolution}")
 
+    def local_training(self, epochs: int | None = None) -> TrainConfig:
+        """FedAvg's local recipe: ``local_epochs`` (or ``epochs``) of SGD at ``local_lr``.
 
-# flat key -> (section, field); section "" is RunConfig itself
-_KEYS: dict[str, tuple[str, str]] = {
-    "dataset": ("", "dataset"),
-    "data-dir": ("", "data_dir"),
-    "num-clients": ("partition", "num_partitions"),
-    "partition": ("partition", "scheme"),
-    "alpha": ("partition", "alpha"),
-    "classes-per-client": ("partition", "classes_per_client"),
-    "seed": ("partition", "seed"),
-    "method": ("distill", "method"),
-    "ipc": ("distill", "ipc"),
-    "iterations": ("distill", "iterations"),
-    "lr-images": ("distill", "lr_images"),
-    "batch-real": ("distill", "batch_real"),
-    "init": ("distill", "init"),
-    "dsa-strategy": ("distill", "dsa_strategy"),
-    "model": ("model", "name"),
-    "model-width": ("model", "width"),
-    "model-depth": ("model", "depth"),
-    "model-norm": ("model", "norm"),
-    "outer-loop": ("distill", "outer_loop"),
-    "inner-loop": ("distill", "inner_loop"),
-    "lr-net": ("distill", "lr_net"),
-    "device": ("distill", "device"),
-    "syn-steps": ("distill", "syn_steps"),
-    "lr-lr": ("distill", "lr_lr"),
-    "dd-fixed-init": ("distill", "dd_fixed_init"),
-    "dd-batch-real": ("distill", "dd_batch_real"),
-    "dd-augment": ("distill", "dd_augment"),
-    "mtt-syn-steps": ("distill", "mtt_syn_steps"),
-    "mtt-experts": ("distill", "mtt_experts"),
-    "mtt-expert-epochs": ("distill", "mtt_expert_epochs"),
-    "mtt-expert-span": ("distill", "mtt_expert_span"),
-    "mtt-max-start": ("distill", "mtt_max_start"),
-    "iadd-lr-importance": ("distill", "iadd_lr_importance"),
-    "iadd-prune": ("distill", "iadd_prune"),
-    "residual-alpha": ("distill", "residual_alpha"),
-    "residual-every": ("distill", "residual_every"),
-    "multires": ("distill", "multires"),
-    "precision": ("distill", "precision"),
-    "soft-labels": ("distill", "soft_labels"),
-    "lr-labels": ("distill", "lr_labels"),
-    "teacher-epochs": ("distill", "teacher_epochs"),
-    "teacher-temperature": ("distill", "teacher_temperature"),
-    "factorised": ("distill", "factorised"),
-    "factor-hallucinators": ("distill", "factor_hallucinators"),
-    "factor-lr": ("distill", "factor_lr"),
-    "dp": ("dp", "enabled"),
-    "target-epsilon": ("dp", "target_epsilon"),
-    "delta": ("dp", "delta"),
-    "max-grad-norm": ("dp", "max_grad_norm"),
-    "train-epochs": ("train", "epochs"),
-    "train-min-steps": ("train", "min_steps"),
-    "train-lr": ("train", "lr"),
-    "train-batch-size": ("train", "batch_size"),
-    "train-dsa-strategy": ("train", "dsa_strategy"),
-    "rounds": ("", "rounds"),
-    "perturb": ("", "perturb"),
-    "fedavg-rounds": ("", "fedavg_rounds"),
-    "local-epochs": ("", "local_epochs"),
-    "local-lr": ("", "local_lr"),
-    "local-batch-size": ("", "local_batch_size"),
-    "fraction": ("", "fraction"),
-    "min-clients": ("", "min_clients"),
-    "summary-dtype": ("", "summary_dtype"),
-    "summary-resolution": ("", "summary_resolution"),
-    "max-images": ("", "max_images"),
-    "round-timeout": ("", "round_timeout"),
-    "out-dir": ("", "out_dir"),
+        Mini-batches of ``local_batch_size``, a constant step, no minimum step count; momentum,
+        weight decay and augmentation as the server's training. FedAvg clients, DP-FedAvg's
+        DP-SGD and LiRA's shadow models all train by this recipe.
+        """
+        return replace(self.train, epochs=epochs or self.local_epochs, lr=self.local_lr,
+                       batch_size=self.local_batch_size, min_steps=0, lr_decay=False)
+
+
+# How the flat kebab-case keys are derived from the dataclasses: every scalar field of every
+# section is a key, named after the field (``_`` -> ``-``) with the section's prefix, except the
+# names in ALIASES and the fields in FIXED. A new option needs only its field (and its line in
+# pyproject.toml, which Flower reads and a test keeps equal to the defaults).
+SECTIONS: dict[str, tuple[tuple[str, ...], str]] = {  # section -> (attribute path, key prefix)
+    "run": ((), ""),
+    "partition": (("partition",), ""),
+    "distill": (("distill",), ""),
+    "model": (("distill", "model"), "model-"),
+    "dp": (("distill", "dp"), ""),
+    "train": (("train",), "train-"),
 }
+ALIASES: dict[tuple[str, str], str] = {  # (section, field) -> key, where the derived name would mislead
+    ("partition", "num_partitions"): "num-clients",
+    ("partition", "scheme"): "partition",
+    ("model", "name"): "model",
+    ("dp", "enabled"): "dp",
+}
+# Fields that are not run-config keys: the distillation seed follows the run's ``seed``; the
+# server's SGD momentum, weight decay and step decay are the recipe's constants.
+FIXED: frozenset[tuple[str, str]] = frozenset({
+    ("distill", "seed"), ("train", "momentum"), ("train", "weight_decay"), ("train", "lr_decay"),
+})
 
 
-def _section(cfg: RunConfig, section: str) -> object:
-    if section == "":
-        return cfg
-    if section == "model":
-        return cfg.distill.model
-    if section == "dp":
-        return cfg.distill.dp
-    return getattr(cfg, section)
+def _key_table() -> dict[str, tuple[str, str]]:
+    """flat key -> (section, field name), derived from the dataclasses' fields."""
+    defaults = RunConfig()
+    table: dict[str, tuple[str, str]] = {}
+    for section, (path, prefix) in SECTIONS.items():
+        obj = _at(defaults, path)
+        for f in fields(obj):
+            if (section, f.name) in FIXED or is_dataclass(getattr(obj, f.name)):
+                continue
+            key = ALIASES.get((section, f.name), prefix + f.name.replace("_", "-"))
+            if key in table:
+                raise ConfigError(f"run-config key {key!r} is derived twice; add an alias")
+            table[key] = (section, f.name)
+    return table
+
+
+def _at(obj: object, path: tuple[str, ...]) -> object:
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
+
+
+KEYS: dict[str, tuple[str, str]] = _key_table()  # flat key -> (section, field)
+
+
+def keys(*sections: str) -> list[str]:
+    """The flat keys of ``sections`` (all keys when none are named), in declaration order."""
+    return [k for k, (s, _) in KEYS.items() if not sections or s in sections]
 
 
 def to_flat(cfg: RunConfig) -> dict[str, Scalar]:
     """The flat kebab-case mapping of ``cfg`` (``lr-images`` 0 means the method's default)."""
     flat: dict[str, Scalar] = {}
-    for key, (section, name) in _KEYS.items():
-        value = getattr(_section(cfg, section), name)
+    for key, (section, name) in KEYS.items():
+        value = getattr(_at(cfg, SECTIONS[section][0]), name)
         flat[key] = 0.0 if value is None else value
     return flat
 
@@ -157,32 +140,33 @@ def from_flat(values: Mapping[str, Scalar], base: RunConfig | None = None) -> Ru
     """Build a RunConfig from flat kebab-case ``values`` over ``base`` (default: the defaults).
 
     Unknown keys raise :class:`ConfigError` naming the known ones; values are converted to
-    the type of the field they set.
+    the type of the field they set, and every dataclass checks its own fields.
     """
     base = base or RunConfig()
-    unknown = sorted(set(values) - set(_KEYS))
+    unknown = sorted(set(values) - set(KEYS))
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}")
-    changes: dict[str, dict[str, object]] = {"": {}, "partition": {}, "distill": {}, "train": {}, "model": {},
-                                           "dp": {}}
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(KEYS)}")
+    changes: dict[tuple[str, ...], dict[str, object]] = {}
     for key, value in values.items():
-        section, name = _KEYS[key]
-        current = getattr(_section(base, section), name)
-        changes[section][name] = _convert(key, value, current)
+        section, name = KEYS[key]
+        path = SECTIONS[section][0]
+        current = getattr(_at(base, path), name)
+        changes.setdefault(path, {})[name] = _convert(key, value, current)
     if "seed" in values:  # one run seed: partitions and distillation both follow it
-        changes["distill"]["seed"] = changes["partition"]["seed"]
-    if changes["distill"].get("lr_images") == 0.0:
-        changes["distill"]["lr_images"] = None
-    model = replace(base.distill.model, **changes["model"])
-    dp = replace(base.distill.dp, **changes["dp"])
-    distill = replace(base.distill, model=model, dp=dp, **changes["distill"])
-    return replace(
-        base,
-        partition=replace(base.partition, **changes["partition"]),
-        distill=distill,
-        train=replace(base.train, **changes["train"]),
-        **changes[""],
-    )
+        changes.setdefault(("distill",), {})["seed"] = changes[("partition",)]["seed"]
+    if changes.get(("distill",), {}).get("lr_images") == 0.0:
+        changes[("distill",)]["lr_images"] = None
+    return _rebuilt(base, changes, ())
+
+
+def _rebuilt(obj, changes: Mapping[tuple[str, ...], Mapping[str, object]], path: tuple[str, ...]):
+    """``obj`` with ``changes`` applied at every path, inner dataclasses first (so checks see them)."""
+    own = dict(changes.get(path, {}))
+    for f in fields(obj):
+        inner = (*path, f.name)
+        if any(p[: len(inner)] == inner for p in changes):
+            own[f.name] = _rebuilt(getattr(obj, f.name), changes, inner)
+    return replace(obj, **own) if own else obj
 
 
 def distill_changes(values: Mapping[str, Scalar], base: DistillConfig) -> dict[str, object]:
@@ -191,12 +175,15 @@ def distill_changes(values: Mapping[str, Scalar], base: DistillConfig) -> dict[s
     Keys of the other sections (partition, model, DP, server training, rounds) raise
     :class:`ConfigError` naming the accepted ones; values are converted as in :func:`from_flat`.
     """
-    accepted = [key for key, (section, _) in _KEYS.items() if section == "distill"]
+    accepted = keys("distill")
     other = sorted(set(values) - set(accepted))
     if other:
         raise ConfigError(f"{', '.join(other)}: not distillation setting(s); accepted: {', '.join(accepted)}")
     distill = from_flat(values, base=RunConfig(distill=base)).distill
-    return {_KEYS[key][1]: getattr(distill, _KEYS[key][1]) for key in values}
+    return {KEYS[key][1]: getattr(distill, KEYS[key][1]) for key in values}
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _convert(key: str, value: Scalar, current: object) -> object:
@@ -205,7 +192,9 @@ def _convert(key: str, value: Scalar, current: object) -> object:
     try:
         if kind is bool:
             if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes")
+                if value.lower() not in _BOOLS:
+                    raise ValueError("expected true or false")
+                return _BOOLS[value.lower()]
             return bool(value)
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"{value} is not a whole number")
@@ -226,7 +215,9 @@ def check_device(cfg: RunConfig) -> RunConfig:
 RUN_PRESETS: dict[str, RunConfig] = {
     # seconds: tests and smoke runs (tiny model, few steps)
     "quick": RunConfig(
-        distill=DistillConfig(iterations=10, batch_real=64, outer_loop=2, model=ModelSpec(width=16)),
+        distill=DistillConfig(iterations=10, batch_real=64, outer_loop=2, model=ModelSpec(width=16),
+                              syn_steps=2, dd_batch_real=8, mtt_syn_steps=2, mtt_experts=1,
+                              mtt_expert_epochs=2, mtt_expert_span=1, mtt_max_start=1),
         train=TrainConfig(epochs=10, min_steps=20),
         fedavg_rounds=3,
     ),
@@ -240,6 +231,13 @@ RUN_PRESETS: dict[str, RunConfig] = {
         distill=DistillConfig(iterations=60, batch_real=16),
         fedavg_rounds=10,
     ),
+    # the methods benchmark (simulations.benchmark_methods, which adds its per-method tuning): shorter
+    # expert trajectories and at least 200 SGD steps per evaluated model, so 7 methods x 2 IPCs x
+    # 3 seeds x 4 architectures fit in an hour on 2 cores
+    "benchmark": RunConfig(
+        distill=DistillConfig(mtt_expert_epochs=4, mtt_max_start=2),
+        train=TrainConfig(min_steps=200),
+    ),
     # GPU-scale: ConvNet-128 and long optimisation, as in the papers
     "paper": RunConfig(
         distill=DistillConfig(iterations=20000, model=ModelSpec(width=128)),
@@ -250,7 +248,7 @@ RUN_PRESETS: dict[str, RunConfig] = {
 
 
 def run_preset(name: str) -> RunConfig:
-    """The run preset called ``name`` (quick, default, paper)."""
+    """The run preset called ``name`` (one of :data:`RUN_PRESETS`)."""
     if name not in RUN_PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(RUN_PRESETS)}")
     return RUN_PRESETS[name]

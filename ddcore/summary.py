@@ -24,6 +24,8 @@ from ddcore.errors import SummaryError
 from ddcore.factorised import Factors
 
 STORED_DTYPES = ("float32", "float16", "uint8")
+FACTOR_ARRAYS = frozenset({"bases", "hallucinators", "hallucinator-bias"})
+WIRE_ARRAYS = frozenset({"images", "labels", "image-range", "lrs"}) | FACTOR_ARRAYS  # what to_arrays makes
 MetaValue = str | int | float | bool
 
 
@@ -108,23 +110,34 @@ class Summary:
 
     @staticmethod
     def from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, MetaValue]) -> Summary:
-        """Decode what ``to_arrays`` produced (expanding dtype and resolution, decoding factors)."""
-        key = "bases" if "bases" in arrays else "images"
+        """Decode what ``to_arrays`` produced (expanding dtype and resolution, decoding factors).
+
+        The one strict decoder: it refuses unknown arrays, missing or mixed ones, dtypes and
+        shapes that ``to_arrays`` never makes, labels that are not int64 classes or probability
+        rows, non-finite factors or labels, and step sizes that are not finite and positive
+        (:class:`SummaryError`, naming the problem). What depends on the run - image size,
+        channels, class count, caps, value range - is the receiver's policy
+        (``server.validation``).
+        """
+        unknown = set(arrays) - WIRE_ARRAYS
+        if unknown:
+            raise SummaryError(f"unexpected arrays {sorted(unknown)}")
+        factorised = bool(FACTOR_ARRAYS & set(arrays))
+        if factorised and "images" in arrays:
+            raise SummaryError("a summary sends either images or factors (bases, hallucinators), not both")
+        key = "bases" if factorised else "images"
         for needed in (key, "labels"):
             if needed not in arrays:
-                raise SummaryError(f"summary lacks the {needed!r} array")
+                raise SummaryError(f"missing the {needed!r} array")
         images = _decode_images(key, arrays[key], arrays.get("image-range"), meta)
-        labels_raw = arrays["labels"]
-        if labels_raw.dtype == np.int64 and labels_raw.ndim == 1:
-            labels = torch.from_numpy(labels_raw.copy())
-        elif labels_raw.dtype in (np.float32, np.float16) and labels_raw.ndim == 2:
-            labels = torch.from_numpy(labels_raw.astype(np.float32))
-        else:
-            raise SummaryError(
-                f"labels must be int64 (n,) or float (n, K); got {labels_raw.dtype} {labels_raw.shape}"
-            )
-        lrs = torch.from_numpy(arrays["lrs"].astype(np.float32)) if "lrs" in arrays else None
-        if key == "bases":
+        labels = _decode_labels(arrays["labels"], len(images), key)
+        lrs = None
+        if "lrs" in arrays:
+            raw = arrays["lrs"]
+            if raw.ndim != 1 or raw.size < 1 or not np.isfinite(raw).all() or (raw <= 0).any():
+                raise SummaryError("lrs must be a 1-D array of finite positive step sizes")
+            lrs = torch.from_numpy(raw.astype(np.float32))
+        if factorised:
             return Summary.from_factors(_factors(images, arrays), labels, lrs, dict(meta))
         return Summary(images.contiguous(), labels, lrs, dict(meta))
 
@@ -188,23 +201,47 @@ def _decode_images(key: str, raw: np.ndarray, rng: np.ndarray | None,
     elif raw.dtype in (np.float16, np.float32):
         images = torch.from_numpy(raw.astype(np.float32))
     else:
-        raise SummaryError(f"{key} dtype must be float32, float16 or uint8, got {raw.dtype}")
+        raise SummaryError(f"{key} dtype {raw.dtype} is not float32, float16 or uint8")
     height, width = int(meta.get("height", raw.shape[2])), int(meta.get("width", raw.shape[3]))
     if images.shape[-2:] != (height, width) and images.shape[0] > 0:
         images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
     return images.contiguous()
 
 
+def _decode_labels(raw: np.ndarray, n: int, key: str) -> torch.Tensor:
+    """int64 (n,) classes or float32 (n, K) probability rows, one per image (or base)."""
+    if raw.ndim < 1 or raw.shape[0] != n:
+        raise SummaryError(f"{n} {key} but {raw.shape[0] if raw.ndim else 0} labels")
+    if raw.ndim == 1:
+        if raw.dtype != np.int64:
+            raise SummaryError(f"hard labels must be int64, got {raw.dtype}")
+        return torch.from_numpy(raw.copy())
+    if raw.ndim != 2:
+        raise SummaryError(f"labels must be (n,) or (n, K), got shape {raw.shape}")
+    if raw.dtype not in (np.float32, np.float16):
+        raise SummaryError(f"soft labels must be float, got {raw.dtype}")
+    if not np.isfinite(raw).all():
+        raise SummaryError("soft labels contain NaN or Inf")
+    if (raw < -1e-6).any() or not np.allclose(raw.sum(1), 1.0, atol=1e-3):
+        raise SummaryError("soft labels are not probability distributions (non-negative, summing to 1)")
+    return torch.from_numpy(raw.astype(np.float32))
+
+
 def _factors(bases: torch.Tensor, arrays: dict[str, np.ndarray]) -> Factors:
     """Factors from decoded ``bases`` and the float32 hallucinator arrays (shapes checked)."""
     for key in ("hallucinators", "hallucinator-bias"):
-        if key not in arrays or arrays[key].dtype != np.float32:
-            raise SummaryError(f"a factorised summary needs a float32 {key!r} array")
+        if key not in arrays:
+            raise SummaryError(f"a factorised summary needs the {key!r} array")
+        if arrays[key].dtype != np.float32:
+            raise SummaryError(f"{key} must be float32, got {arrays[key].dtype}")
+        if not np.isfinite(arrays[key]).all():
+            raise SummaryError(f"{key} contain NaN or Inf")
     weight, bias = arrays["hallucinators"], arrays["hallucinator-bias"]
     c = bases.shape[1]
     h = weight.shape[0] if weight.ndim == 5 else 0
     if h < 1 or weight.shape[1:3] != (c, c) or weight.shape[3] != weight.shape[4] or weight.shape[3] % 2 == 0:
-        raise SummaryError(f"hallucinators must be (h >= 1, {c}, {c}, k, k) with k odd, got {weight.shape}")
+        raise SummaryError(f"hallucinators must be (h, {c}, {c}, k, k) with h >= 1 and an odd kernel k, "
+                           f"got {weight.shape}")
     if bias.shape != (h, c):
         raise SummaryError(f"hallucinator-bias must be ({h}, {c}), got {bias.shape}")
     return Factors(bases, torch.from_numpy(weight.copy()), torch.from_numpy(bias.copy()))

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from ddcore.config import DPConfig
+from ddcore.errors import ConfigError
 from privacy.errors import DeltaTooLargeError, InvalidPrivacyParameterError
 
 
@@ -23,14 +25,10 @@ def check_budget(*, target_epsilon: float, delta: float, max_grad_norm: float,
     DeltaTooLargeError
         delta >= 1/n for a dataset of n examples (refused, not just warned about).
     """
-    if not target_epsilon > 0:
-        raise InvalidPrivacyParameterError(
-            f"target epsilon must be > 0 (use inf to switch the noise off), got {target_epsilon}")
-    if not 0 < delta < 1:
-        raise InvalidPrivacyParameterError(f"delta must be in (0, 1), e.g. 1e-5; got {delta}")
-    if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
-        raise InvalidPrivacyParameterError(
-            f"the clipping norm (max-grad-norm) must be a finite number > 0, got {max_grad_norm}")
+    try:  # the same checks, and messages, as every DP setting gets (ddcore.config.DPConfig)
+        DPConfig(enabled=True, target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm)
+    except ConfigError as exc:
+        raise InvalidPrivacyParameterError(str(exc)) from None
     if num_examples is not None and delta >= 1.0 / max(num_examples, 1):
         raise DeltaTooLargeError(
             f"delta {delta:g} >= 1/n = {1.0 / max(num_examples, 1):.3g} for a client of {num_examples} "

@@ -13,7 +13,6 @@ Used by ``simulations.compare`` (leakage columns) and ``simulations.privacy_util
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,28 +51,22 @@ def global_model(cfg: RunConfig, state: dict[str, torch.Tensor], data: Dataset) 
 def fedavg_shadow_trainer(cfg: RunConfig) -> ShadowTrainer:
     """A centralised proxy of the FedAvg recipe for LiRA's shadow models.
 
-    ``fedavg_rounds x local_epochs`` epochs of the clients' local SGD on the shadow's data;
-    with DP on, DP-SGD calibrated to the same target epsilon over those epochs (so shadows
-    and target carry the same noise). A proxy: the real target averaged non-IID clients.
+    ``fedavg_rounds x local_epochs`` epochs of the clients' local recipe
+    (:meth:`RunConfig.local_training`) on the shadow's data; with DP on, DP-SGD with the plan a
+    DP-FedAvg client of that size makes (:func:`privacy.dpsgd.fedavg_dpsgd_plan`), so shadows and
+    target carry the same noise. A proxy: the real target averaged non-IID clients.
     """
     epochs = max(cfg.fedavg_rounds, 1) * cfg.local_epochs
-    local = replace(cfg.train, epochs=epochs, lr=cfg.local_lr, batch_size=cfg.local_batch_size,
-                    min_steps=0, lr_decay=False)
-    dp = cfg.distill.dp
 
     def train(data: Dataset, generator: torch.Generator) -> torch.nn.Module:
         model = build_model(cfg.distill.model, data.image_shape, data.num_classes, generator)
-        if not dp.enabled:
-            return train_model(model, data.x, data.y, local, generator)
+        if not cfg.distill.dp.enabled:
+            return train_model(model, data.x, data.y, cfg.local_training(epochs), generator)
         from privacy.accounting import Accountant
-        from privacy.dpsgd import dpsgd_plan, dpsgd_train
+        from privacy.dpsgd import fedavg_dpsgd_plan, local_dpsgd
 
-        plan = dpsgd_plan(num_examples=len(data), batch_size=cfg.local_batch_size, epochs_per_round=epochs,
-                          rounds=1, target_epsilon=dp.target_epsilon, delta=dp.delta,
-                          max_grad_norm=dp.max_grad_norm)
-        dpsgd_train(model, data, plan, Accountant(), steps=plan.steps, lr=cfg.local_lr,
-                    momentum=cfg.train.momentum, generator=generator, weight_decay=cfg.train.weight_decay,
-                    dsa_strategy=cfg.train.dsa_strategy)
+        plan = fedavg_dpsgd_plan(cfg, len(data))
+        local_dpsgd(model, data, cfg, plan, Accountant(), steps=plan.steps, generator=generator)
         return model
 
     return train

@@ -10,6 +10,7 @@ from torch import nn
 
 from ddcore.augment import augment
 from ddcore.data import Dataset
+from ddcore.runconfig import RunConfig
 from privacy.accounting import Accountant, DPPlan
 from privacy.errors import PrivacyError
 from privacy.mechanisms import add_noise, clipped_sum, grad_sample_module, per_sample_gradients, poisson_mask
@@ -28,6 +29,33 @@ def dpsgd_plan(*, num_examples: int, batch_size: int, epochs_per_round: int, rou
     steps = rounds * epochs_per_round * math.ceil(num_examples / batch_size)
     return DPPlan.calibrate(target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
                             sample_rate=rate, steps=steps, num_examples=num_examples)
+
+
+def fedavg_dpsgd_plan(cfg: RunConfig, num_examples: int) -> DPPlan:
+    """The plan of a DP-FedAvg client of ``num_examples``, for the whole run of ``cfg``.
+
+    ``fedavg_rounds`` rounds of :func:`steps_per_round` steps each, at the run's target
+    epsilon, delta and clipping norm. Clients, LiRA's shadows and the sweep's inversion audit
+    all take their sigma from here.
+    """
+    dp = cfg.distill.dp
+    return dpsgd_plan(num_examples=num_examples, batch_size=cfg.local_batch_size,
+                      epochs_per_round=cfg.local_epochs, rounds=max(cfg.fedavg_rounds, 1),
+                      target_epsilon=dp.target_epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm)
+
+
+def steps_per_round(cfg: RunConfig, num_examples: int) -> int:
+    """DP-SGD steps of one DP-FedAvg round: ``local_epochs`` passes in expectation."""
+    return cfg.local_epochs * math.ceil(num_examples / cfg.local_batch_size)
+
+
+def local_dpsgd(model: nn.Module, data: Dataset, cfg: RunConfig, plan: DPPlan, accountant: Accountant, *,
+                steps: int, generator: torch.Generator) -> float:
+    """``steps`` DP-SGD steps of the FedAvg local recipe (:meth:`RunConfig.local_training`)."""
+    recipe = cfg.local_training()
+    return dpsgd_train(model, data, plan, accountant, steps=steps, lr=recipe.lr, momentum=recipe.momentum,
+                       generator=generator, weight_decay=recipe.weight_decay,
+                       dsa_strategy=recipe.dsa_strategy)
 
 
 def dpsgd_train(model: nn.Module, data: Dataset, plan: DPPlan, accountant: Accountant, *, steps: int,

@@ -10,9 +10,10 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from ddcore.data import load_dataset
+from ddcore.files import environment
 from ddcore.plots import plot_summary
 from ddcore.runconfig import from_flat, to_flat
-from server.report import environment, write_report
+from server.report import write_report
 from server.run import run_distillation
 
 app = ServerApp()

@@ -3,47 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import tempfile
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
-
-
-def environment(device: str) -> dict:
-    """Versions, device and threads, recorded with every report."""
-    versions = {}
-    for pkg in ("torch", "torchvision", "flwr", "flwr-datasets", "opacus", "numpy"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-        "device": device,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from ddcore.files import atomic_write
 
 
 def _mb(n: int | None) -> str:

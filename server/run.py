@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
+from client import protocol
 from ddcore.data import Dataset
 from ddcore.models import build_model
 from ddcore.runconfig import RunConfig, to_flat
@@ -59,7 +60,7 @@ class SystemResult:
 
 def round_config(cfg: RunConfig, num_classes: int) -> ConfigRecord:
     """The ConfigRecord every client request carries: the flat run-config plus the class count."""
-    return ConfigRecord({**to_flat(cfg), "num-classes": num_classes})
+    return ConfigRecord({**to_flat(cfg), protocol.NUM_CLASSES: num_classes})
 
 
 def run_distillation(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "distill") -> SystemResult:

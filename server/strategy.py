@@ -21,11 +21,9 @@ from ddcore.models import build_model
 from ddcore.runconfig import RunConfig
 from ddcore.summary import Summary, concat
 from ddcore.train import evaluate, train_model
+from privacy.record import PRIVACY_KEYS
 from server.ledger import ClientRound, Ledger
 from server.validation import SummaryLimits, validate
-
-# what a DP client reports about the privacy it spent (the accountant's view, whole run so far)
-PRIVACY_KEYS = ("epsilon", "delta", "noise-multiplier", "sample-rate", "steps", "max-grad-norm")
 
 
 def sample_clients(grid: Grid, cfg: RunConfig, server_round: int) -> list[int]:
@@ -88,7 +86,7 @@ class DistillStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """Ask the sampled clients for a summary (with the global weights after round 1)."""
         nodes = sample_clients(grid, self.cfg, server_round)
-        config = ConfigRecord({**config, "server-round": server_round})
+        config = ConfigRecord({**config, protocol.SERVER_ROUND: server_round})
         records: dict = {protocol.CONFIG: config}
         if server_round > 1 and len(arrays) > 0:
             records[protocol.ARRAYS] = arrays

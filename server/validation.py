@@ -10,13 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ddcore.errors import SummaryError
 from ddcore.summary import Summary
 
-FACTOR_ARRAYS = {"bases", "hallucinators", "hallucinator-bias"}
-ALLOWED_ARRAYS = {"images", "labels", "image-range", "lrs"} | FACTOR_ARRAYS
-IMAGE_DTYPES = (np.float32, np.float16, np.uint8)
 MAX_LRS = 100_000
 MAX_HALLUCINATORS = 64
 MAX_KERNEL = 7
@@ -41,30 +39,49 @@ class SummaryLimits:
 
 
 def validate(arrays: dict[str, np.ndarray], meta: dict, limits: SummaryLimits) -> Summary:
-    """Return the decoded summary, or raise :class:`SummaryError` saying what is wrong."""
-    unknown = set(arrays) - ALLOWED_ARRAYS
-    if unknown:
-        raise SummaryError(f"unexpected arrays {sorted(unknown)}")
-    factorised = bool(FACTOR_ARRAYS & set(arrays))
-    key = "bases" if factorised else "images"
-    if factorised and "images" in arrays:
-        raise SummaryError("a summary sends either images or factors (bases, hallucinators), not both")
-    for needed in (key, "labels"):
-        if needed not in arrays:
-            raise SummaryError(f"missing the {needed!r} array")
-    images, labels = arrays[key], arrays["labels"]
-    if images.dtype not in IMAGE_DTYPES:
-        raise SummaryError(f"{key} dtype {images.dtype} is not float32, float16 or uint8")
-    if images.ndim != 4:
-        raise SummaryError(f"{key} must be 4-D (n, C, H, W), got shape {images.shape}")
-    n, c, h, w = images.shape
-    channels, height, width = limits.image_shape
-    copies = _check_hallucinators(arrays, channels) if factorised else 1
+    """Return the decoded summary, or raise :class:`SummaryError` saying what is wrong.
+
+    The caps are checked on the arrays' shapes before anything is decoded; then
+    :meth:`Summary.from_arrays` (the one strict decoder) checks the structure, and this
+    server's policy checks the summary against the run: image shape, label range,
+    finiteness and value range. What is pooled is always plain images and labels.
+    """
+    check_caps(arrays, limits)
+    summary = Summary.from_arrays(arrays, meta)
+    key = "bases" if summary.factors is not None else "images"
+    check_shape(key, arrays[key].shape, meta, limits)
+    check_labels(summary.labels, limits.num_classes)
+    check_values(key, arrays[key], summary, limits.value_range)
+    return Summary(summary.images, summary.labels, summary.lrs, summary.meta)
+
+
+def check_caps(arrays: dict[str, np.ndarray], limits: SummaryLimits) -> None:
+    """Images (bases x hallucinators when factorised), step sizes and hallucinators within the caps."""
+    factorised = "bases" in arrays
+    images = arrays.get("bases" if factorised else "images")
+    if images is None or images.ndim == 0:
+        return  # the decoder names what is missing or malformed
+    n, copies = images.shape[0], 1
+    weight = arrays.get("hallucinators")
+    if factorised and weight is not None and weight.ndim == 5:
+        copies, kernel = weight.shape[0], weight.shape[3]
+        if copies > MAX_HALLUCINATORS or kernel > MAX_KERNEL:
+            raise SummaryError(f"{copies} hallucinators of kernel {kernel}: at most {MAX_HALLUCINATORS} "
+                               f"hallucinators and an odd kernel <= {MAX_KERNEL}")
+    what = "bases" if factorised else "images"
     if n == 0:
-        raise SummaryError(f"empty summary (0 {key})")
+        raise SummaryError(f"empty summary (0 {what})")
     if n * copies > limits.max_images:
         raise SummaryError(f"{n * copies} images exceed the cap of {limits.max_images}"
                            + (f" ({n} bases x {copies} hallucinators)" if factorised else ""))
+    if "lrs" in arrays and arrays["lrs"].size > MAX_LRS:
+        raise SummaryError(f"{arrays['lrs'].size} step sizes exceed the cap of {MAX_LRS}")
+
+
+def check_shape(key: str, shape: tuple[int, ...], meta: dict, limits: SummaryLimits) -> None:
+    """Channels as the data's; the data's size, or a smaller square the receiver expands."""
+    _, c, h, w = shape
+    channels, height, width = limits.image_shape
     if c != channels:
         raise SummaryError(f"{key} have {c} channels, the data has {channels}")
     full, smaller_square = (h, w) == (height, width), h == w and 1 <= h < min(height, width)
@@ -72,32 +89,22 @@ def validate(arrays: dict[str, np.ndarray], meta: dict, limits: SummaryLimits) -
         raise SummaryError(f"{key} are {h}x{w}, expected {height}x{width} or a smaller square")
     if int(meta.get("height", height)) != height or int(meta.get("width", width)) != width:
         raise SummaryError("meta height/width do not match the data")
-    if labels.shape[0] != n:
-        raise SummaryError(f"{n} {key} but {labels.shape[0]} labels")
-    if labels.ndim == 1:
-        if labels.dtype != np.int64:
-            raise SummaryError(f"hard labels must be int64, got {labels.dtype}")
-        if labels.min() < 0 or labels.max() >= limits.num_classes:
-            raise SummaryError(f"labels outside 0..{limits.num_classes - 1}")
-    elif labels.ndim == 2:
-        if labels.dtype not in (np.float32, np.float16):
-            raise SummaryError(f"soft labels must be float, got {labels.dtype}")
-        if labels.shape[1] != limits.num_classes:
-            raise SummaryError(f"soft labels have {labels.shape[1]} classes, expected {limits.num_classes}")
-        if not np.isfinite(labels).all():
-            raise SummaryError("soft labels contain NaN or Inf")
-        if (labels < -1e-6).any() or not np.allclose(labels.sum(1), 1.0, atol=1e-3):
-            raise SummaryError("soft labels are not probability distributions (non-negative, summing to 1)")
-    else:
-        raise SummaryError(f"labels must be (n,) or (n, K), got shape {labels.shape}")
-    if images.dtype != np.uint8 and not np.isfinite(images).all():
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Hard labels in ``0..num_classes-1``; soft labels over ``num_classes`` classes."""
+    if labels.dim() == 1:
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise SummaryError(f"labels outside 0..{num_classes - 1}")
+    elif labels.shape[1] != num_classes:
+        raise SummaryError(f"soft labels have {labels.shape[1]} classes, expected {num_classes}")
+
+
+def check_values(key: str, raw: np.ndarray, summary: Summary, value_range: tuple[float, float]) -> None:
+    """Finite sent values, and decoded bases and images within ``value_range`` (normalised)."""
+    if raw.dtype != np.uint8 and not np.isfinite(raw).all():
         raise SummaryError(f"{key} contain NaN or Inf")
-    if "lrs" in arrays:
-        lrs = arrays["lrs"]
-        if lrs.ndim != 1 or not 1 <= lrs.size <= MAX_LRS or not np.isfinite(lrs).all() or (lrs <= 0).any():
-            raise SummaryError("lrs must be a 1-D array of finite positive step sizes")
-    summary = Summary.from_arrays(arrays, meta)  # also checks uint8's image-range; decodes factors
-    lo, hi = limits.value_range
+    lo, hi = value_range
     for what, values in (("bases", summary.factors.bases if summary.factors else None),
                          ("pixel", summary.images)):
         if values is None:
@@ -106,25 +113,3 @@ def validate(arrays: dict[str, np.ndarray], meta: dict, limits: SummaryLimits) -
         if not (lo <= vmin and vmax <= hi):  # also catches NaN decoded from finite but huge factors
             raise SummaryError(f"{what} values [{vmin:.3g}, {vmax:.3g}] are far outside the data range "
                                f"[{lo:.3g}, {hi:.3g}]")
-    return Summary(summary.images, summary.labels, summary.lrs, summary.meta)  # pooled as plain images
-
-
-def _check_hallucinators(arrays: dict[str, np.ndarray], channels: int) -> int:
-    """Check the hallucinator arrays of a factorised summary; return their count h."""
-    for key in ("hallucinators", "hallucinator-bias"):
-        if key not in arrays:
-            raise SummaryError(f"a factorised summary needs the {key!r} array")
-        if arrays[key].dtype != np.float32:
-            raise SummaryError(f"{key} must be float32, got {arrays[key].dtype}")
-        if not np.isfinite(arrays[key]).all():
-            raise SummaryError(f"{key} contain NaN or Inf")
-    weight, bias = arrays["hallucinators"], arrays["hallucinator-bias"]
-    if weight.ndim != 5 or weight.shape[1:3] != (channels, channels) or weight.shape[3] != weight.shape[4]:
-        raise SummaryError(f"hallucinators must be (h, {channels}, {channels}, k, k), got {weight.shape}")
-    h, k = weight.shape[0], weight.shape[3]
-    if not (1 <= h <= MAX_HALLUCINATORS and k % 2 == 1 and k <= MAX_KERNEL):
-        raise SummaryError(f"{h} hallucinators of kernel {k}: need 1..{MAX_HALLUCINATORS} and an odd "
-                           f"kernel <= {MAX_KERNEL}")
-    if bias.shape != (h, channels):
-        raise SummaryError(f"hallucinator-bias must be ({h}, {channels}), got {bias.shape}")
-    return h

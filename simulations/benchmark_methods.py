@@ -6,8 +6,10 @@
 For every (method, IPC, seed) the training split is distilled once with the ConvNet (timed
 with :func:`ddcore.profile.measure`), the summary's bytes are counted, and a fresh model of
 every ``--archs`` architecture (seeded) is trained on it and tested, with the summary's
-learned step sizes when it has them, as ``python -m ddcore distill`` does. The budget
-(``--preset``) fixes each method's iterations and the evaluation training; it is recorded in
+learned step sizes when it has them, as ``python -m ddcore distill`` does. ``--preset`` is a run
+preset (:data:`ddcore.runconfig.RUN_PRESETS`, the same table every front end reads;
+``benchmark`` by default, which also tunes each method's iterations per IPC, :data:`TUNING`); it
+is recorded in
 the report. Writes results.jsonl (one line per finished job, as it goes), then report.json
 and report.md. Bad input gives one line on stderr, exit code 2 and no files.
 """
@@ -25,21 +27,21 @@ from pathlib import Path
 
 import torch
 
-from ddcore.cli import check_ipc
 from ddcore.config import DistillConfig, TrainConfig
 from ddcore.data import DataSplits, load_dataset
 from ddcore.errors import ConfigError
+from ddcore.files import atomic_write, environment
 from ddcore.methods import METHODS, check_method, distill
-from ddcore.models import MODELS, ModelSpec, model_factory
+from ddcore.methods.base import check_ipc
+from ddcore.models import MODELS, model_factory
 from ddcore.profile import measure
-from ddcore.runconfig import RUN_PRESETS, RunConfig, check_device, distill_changes
+from ddcore.runconfig import RunConfig, check_device, distill_changes, from_flat, keys, run_preset, to_flat
+from ddcore.settings import add_settings, given
 from ddcore.train import train_and_evaluate
-from server.report import atomic_write, environment
-from simulations.common import fail, parse_set
+from simulations.common import fail
 
 METHOD_ORDER = ("random_real", "herding", "dm", "gm", "dd", "mtt", "iadd")
 BASELINES = ("random_real", "herding")  # the plain reference rows: ``--set`` options never apply to them
-FIXED_KEYS = ("method", "ipc", "device")  # set per job by the benchmark itself (--methods, --ipc, --device)
 ARCH_NAMES = {"convnet": "ConvNet", "mlp": "MLP", "lenet": "LeNet", "resnet": "ResNet"}
 # Published full-MNIST test accuracy (%) at IPC 1 / 10, ConvNet-128: DC (Zhao et al. 2021),
 # DSA (Zhao & Bilen 2021), DM (Zhao & Bilen 2023). Our gm is DC with DSA, our dm is DM.
@@ -70,19 +72,25 @@ class Budget:
                        **self.overrides(method, ipc))
 
 
-_DEFAULT = RUN_PRESETS["default"]
-BUDGETS: dict[str, Budget] = {
+@dataclass(frozen=True)
+class Tuning:
+    """What a preset tunes per method (and per IPC) on top of its own settings."""
+
+    methods: Mapping[str, Mapping[str, object]]  # method -> DistillConfig overrides (iterations, ...)
+    note: str
+    per_ipc: Mapping[tuple[str, int], Mapping[str, object]] = field(default_factory=dict)
+
+
+TUNING: dict[str, Tuning] = {
     # 7 methods x IPC 1, 10 x 3 seeds x 4 architectures in < 60 min on 2 CPU cores: ~2,950
     # CPU-seconds at 1 thread, timed per unit (docs/benchmark_methods.md): the evaluation trainings
     # ~900 (200 SGD steps each), dm ~600, gm ~450, dd ~400, mtt and iadd ~320 each
-    "benchmark": Budget(
-        distill=replace(_DEFAULT.distill, mtt_experts=2, mtt_expert_epochs=4, mtt_max_start=2),
-        train=replace(_DEFAULT.train, min_steps=200),
+    "benchmark": Tuning(
         methods={"dm": {"iterations": 200}, "gm": {"iterations": 100}, "dd": {"iterations": 100},
                  "mtt": {"iterations": 100}, "iadd": {"iterations": 100}},
         # IPC 1 (seed 0-2 sweeps, docs/benchmark_methods.md): DD's images want 5x the step at IPC 1
-        # (0.05: 77.9% vs 0.01: 66.6%) but lose 5.6 points with it at IPC 10 (seed 0); MTT/IADD's
-        # defaults (20 student steps) cost ~300 s per IPC-10 job, so IPC 10 keeps 5 steps at 0.01
+        # but lose with it at IPC 10; MTT/IADD's defaults (20 student steps) cost ~300 s per
+        # IPC-10 job, so IPC 10 keeps 5 steps at 0.01
         per_ipc={("dd", 1): {"lr_images": 0.05},
                  ("mtt", 10): {"mtt_syn_steps": 5, "lr_images": 0.01},
                  ("iadd", 10): {"mtt_syn_steps": 5, "lr_images": 0.01}},
@@ -92,36 +100,38 @@ BUDGETS: dict[str, Budget] = {
              "0.1 at IPC 1, 5 steps and 0.01 at IPC 10, experts 2 x 4 epochs); every evaluated model: "
              "100 epochs or at least 200 SGD steps, DSA augmentation",
     ),
-    # seconds: tests and smoke runs
-    "smoke": Budget(
-        distill=replace(_DEFAULT.distill, iterations=5, batch_real=16, outer_loop=2, syn_steps=2,
-                        mtt_syn_steps=2, dd_batch_real=8, mtt_experts=1, mtt_expert_epochs=2,
-                        mtt_expert_span=1, mtt_max_start=1, model=ModelSpec(width=8)),
-        train=replace(_DEFAULT.train, epochs=10, min_steps=20),
-        methods={},
-        note="5 updates, ConvNet-8, 20 evaluation steps: checks the pipeline, measures nothing",
-    ),
 }
+
+
+def budget_for(preset: str, cfg: RunConfig, options: Mapping[str, object]) -> Budget:
+    """The budget of ``cfg`` (the preset with the flags applied) and the preset's per-method tuning."""
+    tuning = TUNING.get(preset, Tuning(methods={}, note=f"preset {preset!r}: its settings for every "
+                                                         "method, no per-method tuning"))
+    return Budget(distill=cfg.distill, train=cfg.train, methods=tuning.methods, note=tuning.note,
+                  per_ipc=tuning.per_ipc, options=options)
+
+
+# named flags (flag -> run-config key); --methods and --ipc are the lists of 'method' and 'ipc'
+FLAGS = {"dataset": "dataset", "data-dir": "data-dir", "device": "device"}
+LIST_KEYS = {"method": "methods", "ipc": "ipc"}  # run-config key -> the list flag that sets it
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulations.benchmark_methods", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="mnist5k", help="registered name or path to .npz / ImageFolder")
-    parser.add_argument("--data-dir", default=None, help="folder of torchvision dataset files")
-    parser.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma list of methods")
-    parser.add_argument("--ipc", default="1,10", help="comma list of images per class")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma list of methods (default {','.join(METHOD_ORDER)})")
+    parser.add_argument("--ipc", default=None, help="comma list of images per class (default 1,10)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per (method, ipc)")
     parser.add_argument("--archs", default="convnet,mlp,lenet,resnet",
                         help="comma list of architectures trained on each summary")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--preset", default="benchmark", choices=sorted(BUDGETS),
-                        help="distillation and evaluation budget")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="distillation run-config keys for every method but the baselines, e.g. "
-                             "--set multires=0.5 or --set soft-labels=teacher")
+    add_settings(parser, FLAGS, preset="benchmark")
+    parser.epilog = ("--set: distillation keys (e.g. multires=0.5, soft-labels=teacher) apply to every "
+                     "method but the random_real and herding baselines; model, training and data keys to "
+                     "every method and every evaluated model; method=... and ipc=... are --methods and "
+                     "--ipc.")
     return parser
 
 
@@ -129,21 +139,27 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def with_options(budget: Budget, pairs: Mapping[str, str], methods: list[str], ipcs: list[int]) -> Budget:
-    """``budget`` with the ``--set`` options; raises if a method cannot honour them."""
-    fixed = sorted(set(pairs) & set(FIXED_KEYS))
-    if fixed:
-        raise ConfigError(f"--set {', '.join(fixed)}: use --methods / --ipc / --device instead")
-    budget = replace(budget, options=distill_changes(pairs, budget.distill))
-    for method in methods:
-        for ipc in ipcs:
-            check_method(budget.config(method, ipc, seed=0, device="cpu"))
-    return budget
+def plan(args: argparse.Namespace) -> tuple[RunConfig, Budget, list[str], list[int], list[str], dict]:
+    """The settings, budget, methods, IPCs and architectures of the command line (no data loaded).
 
-
-def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], list[str], DataSplits]:
-    """Methods, IPCs and architectures from the flags, and the data; raises on anything bad."""
-    methods, archs = _names(args.methods), _names(args.archs)
+    Returns the run config, the budget, methods, IPCs, architectures and the ``--set`` options
+    that apply to the distillation methods only. Raises :class:`ConfigError` on anything bad.
+    """
+    values = given(args, FLAGS)
+    lists = {"methods": args.methods, "ipc": args.ipc}
+    for key, flag in LIST_KEYS.items():
+        if key in values:
+            if lists[flag] is not None:
+                raise ConfigError(f"--set {key} and --{flag} both given; use --{flag}")
+            lists[flag] = values.pop(key)
+    options = {k: v for k, v in values.items() if k in keys("distill") and k != "device"}
+    cfg = check_device(from_flat({k: v for k, v in values.items() if k not in options},
+                                 base=run_preset(args.preset)))
+    if cfg.distill.dp.enabled:
+        raise ConfigError("the methods benchmark runs without DP (dp=false); for DP use "
+                          "simulations.privacy_utility")
+    methods = _names(lists["methods"] or ",".join(METHOD_ORDER))
+    archs = _names(args.archs)
     if not methods or not archs:
         raise ConfigError("--methods and --archs each need at least one name")
     for m in methods:
@@ -151,23 +167,21 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], list[str
     for a in archs:
         MODELS.get(a)
     try:
-        ipcs = [int(t) for t in _names(args.ipc)]
+        ipcs = [int(t) for t in _names(lists["ipc"] or "1,10")]
     except ValueError:
-        raise ConfigError(f"--ipc takes a comma list of whole numbers, e.g. 1,10; got {args.ipc!r}") from None
+        raise ConfigError(f"--ipc takes a comma list of whole numbers, e.g. 1,10; "
+                          f"got {lists['ipc']!r}") from None
     if not ipcs or min(ipcs) < 1:
-        raise ConfigError(f"--ipc needs numbers >= 1, got {args.ipc!r}")
+        raise ConfigError(f"--ipc needs numbers >= 1, got {lists['ipc']!r}")
     if args.seeds < 1 or args.threads < 0:
         raise ConfigError(f"--seeds must be >= 1 and --threads >= 0, got {args.seeds}, {args.threads}")
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError(f"--device {args.device!r} is not a torch device; use cpu or cuda") from None
-    check_device(RunConfig(distill=DistillConfig(device=args.device)))
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} exists and is not a folder")
-    splits = load_dataset(args.dataset, data_dir=args.data_dir, seed=0)
-    check_ipc(splits.train, max(ipcs))
-    return methods, sorted(set(ipcs)), archs, splits
+    budget = budget_for(args.preset, cfg, distill_changes(options, cfg.distill))
+    for method in methods:
+        for ipc in ipcs:
+            check_method(budget.config(method, ipc, seed=0, device=cfg.distill.device))
+    return cfg, budget, methods, sorted(set(ipcs)), archs, options
 
 
 def run_job(splits: DataSplits, budget: Budget, method: str, ipc: int, seed: int, archs: list[str],
@@ -315,11 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        methods, ipcs, archs, splits = check_args(args)
-        options = parse_set(args.set)
-        budget = with_options(BUDGETS[args.preset], options, methods, ipcs)
+        cfg, budget, methods, ipcs, archs, options = plan(args)
+        splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed)
+        check_ipc(splits.train, max(ipcs))
     except ValueError as exc:
         return fail(exc)
+    device = cfg.distill.device
     if args.threads:
         torch.set_num_threads(args.threads)
     from tqdm import tqdm
@@ -332,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(jobs, desc="benchmark", unit="job", file=sys.stderr, dynamic_ncols=True) as bar:
         for method, ipc, seed in bar:
             bar.set_postfix_str(f"{method} ipc {ipc} seed {seed}")
-            row = run_job(splits, budget, method, ipc, seed, archs, args.device)
+            row = run_job(splits, budget, method, ipc, seed, archs, device)
             rows.append(row)
             with partial.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -340,12 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         "title": "feddistill methods benchmark",
         "config": {"dataset": splits.train.name, "train_examples": len(splits.train),
                    "test_examples": len(splits.test), "methods": methods, "ipc": ipcs, "seeds": args.seeds,
-                   "archs": archs, "preset": args.preset, "device": args.device, "data_seed": 0,
-                   "options": options},
+                   "archs": archs, "preset": args.preset, "device": device,
+                   "data_seed": cfg.partition.seed, "options": options, "settings": to_flat(cfg)},
         "budget": {"note": budget.note, "distill": _plain(asdict(budget.distill)),
                    "methods": {m: {str(ipc): budget.overrides(m, ipc) for ipc in ipcs} for m in methods},
                    "train": asdict(budget.train)},
-        "environment": environment(args.device),
+        "environment": environment(device),
         "wall_seconds": time.perf_counter() - start,
         "results": aggregate(rows, methods, ipcs, archs),
         "runs": rows,

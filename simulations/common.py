@@ -1,25 +1,27 @@
-"""Shared pieces of the experiment drivers: flags, up-front checks, the Flower simulation."""
+"""Shared pieces of the federated drivers: their flags, up-front checks, the Flower simulation."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from dataclasses import replace
 from logging import INFO
 from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
-
 from ddcore.data import DataSplits, load_dataset
 from ddcore.errors import ConfigError
+from ddcore.methods.base import check_ipc
 from ddcore.partition import partition_indices
-from ddcore.runconfig import RUN_PRESETS, RunConfig, check_device, from_flat, run_preset, to_flat
+from ddcore.runconfig import RunConfig, to_flat
+from ddcore.settings import add_settings, settings_from_args
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
-# flag -> flat run-config key
-FLAGS = {
+# the named flags of the federated drivers (compare, privacy_utility): flag -> run-config key;
+# every other key through --set
+RUN_FLAGS = {
     "dataset": "dataset", "data-dir": "data-dir", "clients": "num-clients", "partition": "partition",
     "alpha": "alpha", "classes-per-client": "classes-per-client", "method": "method", "ipc": "ipc",
     "iterations": "iterations", "rounds": "rounds", "fedavg-rounds": "fedavg-rounds", "seed": "seed",
@@ -27,53 +29,29 @@ FLAGS = {
 }
 
 
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """--preset, the common overrides, and --set for any other run-config key."""
-    parser.add_argument("--preset", default="default", choices=sorted(RUN_PRESETS))
-    for flag in FLAGS:
-        parser.add_argument(f"--{flag}", default=None, help=f"overrides run-config '{FLAGS[flag]}'")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="any other run-config key, e.g. --set train-epochs=100 model-width=32")
+def add_run_flags(parser: argparse.ArgumentParser, preset: str = "default") -> None:
+    """--preset, the federated drivers' named flags, and --set for any run-config key."""
+    add_settings(parser, RUN_FLAGS, preset=preset)
 
 
-def parse_set(items: list[str]) -> dict[str, str]:
-    """``--set KEY=VALUE ...`` as a mapping of flat run-config keys to raw values."""
-    pairs = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        pairs[key] = value
-    return pairs
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The run settings of a federated driver (:func:`ddcore.settings.settings_from_args`)."""
+    return settings_from_args(args, RUN_FLAGS)
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The preset with the flags applied; also stores ``args.flat`` and ``args.environment``."""
-    overrides = {FLAGS[f]: getattr(args, f.replace("-", "_")) for f in FLAGS
-                 if getattr(args, f.replace("-", "_")) is not None}
-    cfg = from_flat({**overrides, **parse_set(args.set)}, base=run_preset(args.preset))
-    check_device(cfg)
-    from server.report import environment
-
-    args.flat = {"preset": args.preset, **to_flat(cfg)}
-    args.environment = environment(cfg.distill.device)
-    return cfg
+def recorded_config(preset: str, cfg: RunConfig) -> dict:
+    """The config block of a report: the preset's name and every flat key."""
+    return {"preset": preset, **to_flat(cfg)}
 
 
 def check_partitions(cfg: RunConfig) -> DataSplits:
     """Load the data and partition it now, so bad settings fail before anything runs."""
     splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed)
-    labels = splits.train.y.numpy()
-    parts = partition_indices(labels, cfg.partition)
+    parts = partition_indices(splits.train.y.numpy(), cfg.partition)
     for pid, part in enumerate(parts):
-        counts = np.bincount(labels[part], minlength=splits.train.num_classes)
         if len(part) == 0:
             raise ConfigError(f"client {pid} received no examples; use fewer clients or a larger alpha")
-        if cfg.distill.ipc > counts.max():
-            raise ConfigError(
-                f"ipc {cfg.distill.ipc} is larger than every class of client {pid} "
-                f"(largest class: {counts.max()} examples); use --ipc <= {counts.max()}"
-            )
+        check_ipc(replace(splits.train.subset(part), name=f"client {pid}"), cfg.distill.ipc)
     return splits
 
 

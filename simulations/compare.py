@@ -15,14 +15,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from ddcore.errors import ConfigError
+from ddcore.files import environment
 from ddcore.methods.options import without_options
 from ddcore.profile import measure_tree
 from simulations.common import (
     System,
     add_run_flags,
     check_partitions,
-    config_from_args,
     fail,
+    recorded_config,
+    run_config,
     run_in_simulation,
 )
 
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.audit_samples < 0 or args.lira_shadows < 0 or args.lira_shadows % 2:
             raise ConfigError("--audit-samples must be >= 0 and --lira-shadows even and >= 0")
-        cfg = config_from_args(args)
+        cfg = run_config(args)
         splits = check_partitions(cfg)
     except ValueError as exc:
         return fail(exc)
@@ -90,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 lira_shadows=args.lira_shadows)
     report = {
         "title": f"feddistill compare: {cfg.distill.method} vs FedAvg vs random real ({cfg.dataset})",
-        "config": args.flat,
-        "environment": args.environment,
+        "config": recorded_config(args.preset, cfg),
+        "environment": environment(cfg.distill.device),
         "resources": {"wall_seconds": usage.seconds, "peak_rss_mb": usage.peak_rss_mb,
                       "note": "whole simulation: driver plus Ray processes, RSS summed, sampled every 0.5 s"},
         "methods": methods,

@@ -26,24 +26,22 @@ from client import protocol
 from client.task import client_seed, distill_local
 from ddcore.data import DataSplits
 from ddcore.errors import ConfigError
+from ddcore.files import atomic_write, environment
 from ddcore.partition import partition_indices
-from ddcore.runconfig import RUN_PRESETS, RunConfig, from_flat, run_preset, to_flat
+from ddcore.runconfig import RunConfig
+from ddcore.settings import add_settings, settings_from_args
 from ddcore.summary import STORED_DTYPES, Summary, concat
 from ddcore.train import evaluate
 from server.ledger import Ledger
-from server.report import atomic_write, environment
 from server.strategy import DistillStrategy
 from server.validation import SummaryLimits, validate
-from simulations.common import check_partitions, fail, parse_set
+from simulations.common import check_partitions, fail, recorded_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulations.edge_profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder for the report")
-    parser.add_argument("--preset", default="default", choices=sorted(RUN_PRESETS))
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="run-config overrides, e.g. --set dataset=digits num-clients=3")
     parser.add_argument("--client", type=int, default=0, help="the partition id profiled (default 0)")
     parser.add_argument("--resolution", type=int, default=14,
                         help="the reduced side in pixels, beside full resolution (default 14)")
@@ -51,12 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool-iterations", type=int, default=0,
                         help="distillation iterations of the other clients, whose summaries only fill "
                              "the server's pool (0 = the run's iterations; fewer saves time)")
+    add_settings(parser)  # --preset and --set, e.g. --set dataset=digits num-clients=3
     return parser
 
 
 def parse_config(args: argparse.Namespace) -> RunConfig:
     """The preset with ``--set`` applied; checks ``--client`` and ``--resolution``."""
-    cfg = from_flat(parse_set(args.set), base=run_preset(args.preset))
+    cfg = settings_from_args(args)
     if not 0 <= args.client < cfg.partition.num_partitions:
         raise ConfigError(f"--client {args.client} is outside 0..{cfg.partition.num_partitions - 1}")
     if args.resolution < 1 or args.threads < 0 or args.pool_iterations < 0:
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     forms = profile_forms(cfg, splits, summaries, args.client, args.resolution)
     report = {
         "title": "feddistill edge profile",
-        "config": {"preset": args.preset, **to_flat(cfg)},
+        "config": recorded_config(args.preset, cfg),
         "environment": environment(cfg.distill.device),
         "profiled_client": costs[args.client],
         "clients": costs,

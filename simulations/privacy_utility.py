@@ -24,6 +24,7 @@ import torch
 
 from ddcore.data import DataSplits
 from ddcore.errors import ConfigError
+from ddcore.files import atomic_write, environment
 from ddcore.partition import partition_indices
 from ddcore.profile import measure_tree
 from ddcore.runconfig import RunConfig, from_flat
@@ -31,8 +32,9 @@ from simulations.common import (
     System,
     add_run_flags,
     check_partitions,
-    config_from_args,
     fail,
+    recorded_config,
+    run_config,
     run_in_simulation,
 )
 
@@ -53,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LiRA shadow models for the FedAvg rows (even; 0 = loss-threshold only)")
     parser.add_argument("--inversion-steps", type=int, default=200,
                         help="Adam steps of each gradient-inversion restart (0 = skip inversion)")
-    add_run_flags(parser)
-    parser.set_defaults(preset="privacy")
+    add_run_flags(parser, preset="privacy")
     return parser
 
 
@@ -95,16 +96,6 @@ def plan_systems(cfg: RunConfig, methods: list[str], epsilons: list[float]) -> l
             out.append(({"method": f"dp-{method}", "dp": True, "epsilon_target": eps},
                         System(name, kind, dp_config(base, eps))))
     return out
-
-
-def fedavg_plan(cfg: RunConfig, num_examples: int, epsilon: float):
-    """The DP-SGD plan a DP-FedAvg client of ``num_examples`` makes at ``epsilon`` (client.task's)."""
-    from privacy.dpsgd import dpsgd_plan
-
-    dp = cfg.distill.dp
-    return dpsgd_plan(num_examples=num_examples, batch_size=cfg.local_batch_size,
-                      epochs_per_round=cfg.local_epochs, rounds=max(cfg.fedavg_rounds, 1),
-                      target_epsilon=epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm)
 
 
 def check_budgets(splits: DataSplits, systems: list[tuple[dict, System]]) -> None:
@@ -167,6 +158,7 @@ def inversion_section(cfg: RunConfig, splits: DataSplits, epsilons: list[float],
     """Inverting Gradients on client 0's FedAvg update (batch 1 and 8), without DP and at the smallest
     finite epsilon (sigma as client 0's DP-FedAvg plan has it)."""
     from privacy.audit import inversion_audit
+    from privacy.dpsgd import fedavg_dpsgd_plan
 
     part = partition_indices(splits.train.y.numpy(), cfg.partition)[0]
     data = splits.train.subset(torch.as_tensor(part))
@@ -176,7 +168,7 @@ def inversion_section(cfg: RunConfig, splits: DataSplits, epsilons: list[float],
     for label, eps in cases:
         sigma, clip = 0.0, None
         if eps is not None:
-            plan = fedavg_plan(cfg, len(data), eps)
+            plan = fedavg_dpsgd_plan(dp_config(cfg, eps), len(data))
             sigma, clip = plan.noise_multiplier, plan.max_grad_norm
         for batch in (1, 8):
             tag = "nodp" if eps is None else f"dp_eps{eps:g}"
@@ -280,14 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         if bad_shadows or args.audit_samples < 1 or args.inversion_steps < 0:
             raise ConfigError("--lira-shadows must be even and >= 0, --audit-samples >= 1, "
                               "--inversion-steps >= 0")
-        cfg = config_from_args(args)
+        cfg = run_config(args)
         splits = check_partitions(cfg)
         planned = plan_systems(cfg, methods, epsilons)
         check_budgets(splits, planned)
     except ValueError as exc:
         return fail(exc)
     from privacy.audit import audit_samples
-    from server.report import atomic_write
 
     with measure_tree() as usage:
         results = run_in_simulation(cfg, splits.test, [s for _, s in planned])
@@ -304,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "title": f"feddistill privacy vs utility ({cfg.dataset}, {cfg.partition.num_partitions} clients, "
                  f"{cfg.partition.scheme} {cfg.partition.alpha:g})",
-        "config": args.flat, "environment": args.environment, "epsilons": epsilons, "methods": methods,
+        "config": recorded_config(args.preset, cfg), "environment": environment(cfg.distill.device),
+        "epsilons": epsilons, "methods": methods,
         "audit": {"members": len(members), "nonmembers": len(nonmembers), "lira_shadows": args.lira_shadows,
                   "seconds": time.perf_counter() - start},
         "resources": {"wall_seconds": usage.seconds, "peak_rss_mb": usage.peak_rss_mb},

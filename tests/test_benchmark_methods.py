@@ -12,7 +12,7 @@ from ddcore.models import ModelSpec, build_model
 from simulations.benchmark_methods import main, mean_std, verdict
 
 ARGS = ["--dataset", "digits", "--methods", "random_real,dm", "--ipc", "1", "--seeds", "2",
-        "--archs", "convnet,mlp", "--preset", "smoke", "--threads", "1"]
+        "--archs", "convnet,mlp", "--preset", "quick", "--threads", "1"]
 
 
 def test_benchmark_reports_accuracy_cost_and_bytes_per_seed(tmp_path, one_thread) -> None:
@@ -43,7 +43,7 @@ def test_benchmark_reports_accuracy_cost_and_bytes_per_seed(tmp_path, one_thread
             assert stat["std"] == pytest.approx(statistics.stdev(values))
     assert "vs_random_real" not in table["random_real"]
     assert table["dm"]["vs_random_real"]["verdict"] in ("beats", "on par", "worse")
-    assert report["budget"]["distill"]["iterations"] == 5 and report["budget"]["train"]["min_steps"] == 20
+    assert report["budget"]["distill"]["iterations"] == 10 and report["budget"]["train"]["min_steps"] == 20
     assert report["environment"]["torch_threads"] == 1
 
     md = (tmp_path / "report.md").read_text()
@@ -65,13 +65,14 @@ def test_verdict_uses_twice_the_pooled_std() -> None:
     (["--methods", "random_real,nope"], "unknown method 'nope'"),
     (["--archs", "convnet,vgg"], "unknown model 'vgg'"),
     (["--dataset", "nosuchset"], "unknown dataset 'nosuchset'"),
-    (["--ipc", "1,500"], "ipc 500 exceeds"),
+    (["--ipc", "1,500"], "ipc 500 is larger than every class"),
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--ipc", "1,x"], "--ipc takes a comma list"),
     (["--device", "gpu0"], "is not a torch device"),
     (["--set", "soft-labels=learned"], "soft-labels=learned needs a method that unrolls"),  # dm cannot
-    (["--set", "train-lr=1"], "train-lr: not distillation setting"),
-    (["--set", "ipc=3"], "use --methods / --ipc / --device"),
+    (["--set", "dp=true"], "runs without DP"),
+    (["--set", "nope=1"], "unknown run-config key"),
+    (["--set", "ipc=3"], "--set ipc and --ipc both given"),
     (["--set", "multires=2"], "multires is the fraction"),
     (["--set", "multires"], "--set takes KEY=VALUE"),
 ])

@@ -33,7 +33,7 @@ def test_distill_writes_metrics_summary_and_picture(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--method", "magic"], "unknown method 'magic'"),
-    (["--ipc", "5000"], "ipc 5000 exceeds"),
+    (["--ipc", "5000"], "ipc 5000 is larger than every class"),
     (["--dataset", "nowhere/x.npz"], "no such file"),
     (["--dataset", "cifar10"], "needs --data-dir"),
     (["--ipc", "0"], "ipc must be >= 1"),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from client.task import distill_local
-from ddcore.cli import _config, build_parser
+from ddcore.cli import build_config, build_parser
 from ddcore.config import DistillConfig, DPConfig, TrainConfig
 from ddcore.errors import ConfigError
 from ddcore.methods import distill
@@ -251,7 +251,7 @@ def test_options_round_trip_through_the_run_config_and_the_cli() -> None:
                                       "0.5", "--precision", "bf16", "--soft-labels", "learned"])
     expected = replace(RunConfig().distill, method="dd", residual_alpha=0.8, multires=0.5, precision="bf16",
                        soft_labels="learned")
-    assert _config(args).distill == expected
+    assert build_config(args).distill == expected
 
 
 def test_the_flower_client_task_distills_with_the_options(tiny, one_thread) -> None:

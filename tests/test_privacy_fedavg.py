@@ -9,12 +9,13 @@ import torch
 from flwr.app import Context, RecordDict
 
 from client.app import dp_fedavg_round
-from client.task import client_seed, dp_fedavg_local, fedavg_local, local_steps
+from client.task import client_seed, dp_fedavg_local, fedavg_local
 from ddcore.models import build_model
 from ddcore.partition import partition_indices
 from ddcore.runconfig import from_flat
 from ddcore.train import evaluate
 from privacy.accounting import Accountant
+from privacy.dpsgd import steps_per_round
 from privacy.errors import PrivacyError, UnsupportedModelError
 
 FLAT = {"dataset": "digits", "num-clients": 2, "partition": "iid", "model": "mlp", "model-width": 8,
@@ -36,7 +37,7 @@ def test_accountant_composes_every_step_of_every_round_and_stops_at_the_budget(d
     for r in range(3):
         state, _, _, plan = dp_fedavg_local(data, cfg, 10, state, seed=r, accountant=acc)
         spent.append(acc.epsilon(cfg.distill.dp.delta))
-    assert acc.steps == 3 * local_steps(600, cfg) == plan.steps
+    assert acc.steps == 3 * steps_per_round(cfg, 600) == plan.steps
     assert spent[0] < spent[1] < spent[2] <= 2.0 and spent[2] >= 0.95 * 2.0  # the whole run, not a round
     assert plan.noise_multiplier > 0 and plan.sample_rate == pytest.approx(64 / 600)
     assert all(torch.isfinite(v).all() for v in state.values())
@@ -61,14 +62,14 @@ def test_client_keeps_the_accountant_in_node_state_across_rounds(digits) -> None
     for r in (1, 2):
         state, _, _, metrics = dp_fedavg_round(data, cfg, 10, state, r, context)
         epsilons.append(metrics["epsilon"])
-    assert metrics["steps"] == 2 * local_steps(500, cfg)  # not reset by the second round
+    assert metrics["steps"] == 2 * steps_per_round(cfg, 500)  # not reset by the second round
     assert epsilons[0] < epsilons[1] < 2.0
     fresh = Accountant()
     fresh.load_state_dict(dict(context.state["dp-accountant"]))
     assert fresh.epsilon(1e-4) == pytest.approx(epsilons[1]) and not math.isinf(epsilons[1])
     other = from_flat({**FLAT, "target-epsilon": 4.0})  # another budget starts its own accountant
     _, _, _, metrics = dp_fedavg_round(data, other, 10, state, 3, context)
-    assert metrics["steps"] == local_steps(500, other)
+    assert metrics["steps"] == steps_per_round(other, 500)
 
 
 def weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 
 from ddcore.runconfig import from_flat, run_preset
 from privacy.audit import client_update_gradient
+from privacy.record import PRIVACY_KEYS
 from simulations.common import check_partitions
 from simulations.privacy_utility import main, parse_epsilons, plan_systems
 
@@ -34,6 +35,8 @@ def test_sweep_reports_a_row_per_method_and_epsilon_with_its_audits(tmp_path) ->
         assert 0.9 * 4 <= r["epsilon_spent"] <= 4 + 1e-6, r["epsilon_spent"]
         assert r["noise_multiplier"] > 0 and 0 < r["sample_rate"] <= 1 and r["steps"] > 0
         assert len(r["per_client"]) == 3
+        for record in r["per_client"].values():  # one privacy record for DP distillation and DP-FedAvg
+            assert set(record) == set(PRIVACY_KEYS) and record["max-grad-norm"] == 1.0, name
     no_noise = rows["dp-dm@eps=inf"]
     assert no_noise["noise_multiplier"] == 0 and math.isinf(no_noise["epsilon_spent"])
     assert rows["dm"]["epsilon_spent"] is None and rows["dm"]["noise_multiplier"] is None

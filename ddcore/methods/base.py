@@ -30,11 +30,26 @@ class ClassIndex:
         return pos[torch.randperm(pos.numel(), generator=generator)[:n]]
 
 
-def per_class_counts(data: Dataset, ipc: int) -> dict[int, int]:
-    """Images to make per present class: ``min(ipc, examples of the class)``."""
+def check_ipc(data: Dataset, ipc: int) -> None:
+    """The one ipc rule: ``ipc`` must not exceed the largest class of ``data``.
+
+    Classes with fewer examples than ``ipc`` contribute all of them (:func:`per_class_counts`),
+    so a client of a skewed partition still sends what it has; an ipc that no class can fill
+    is a mistake. Checked up front for the central data and for every client's partition.
+    """
     index = ClassIndex(data.y, data.num_classes)
     if not index.present():
         raise ConfigError(f"{data.name}: no examples to distill")
+    largest = max(index.count(c) for c in index.present())
+    if ipc > largest:
+        raise ConfigError(f"ipc {ipc} is larger than every class of {data.name} (largest: {largest} "
+                          f"examples); use --ipc <= {largest}")
+
+
+def per_class_counts(data: Dataset, ipc: int) -> dict[int, int]:
+    """Images to make per present class: ``min(ipc, examples of the class)`` (:func:`check_ipc`)."""
+    check_ipc(data, ipc)
+    index = ClassIndex(data.y, data.num_classes)
     return {c: min(ipc, index.count(c)) for c in index.present()}
 
 

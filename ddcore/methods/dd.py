@@ -21,8 +21,8 @@ from ddcore.summary import Summary
 from ddcore.train import Progress
 
 TRAIN_MOMENTUM = TrainConfig().momentum  # the heavy-ball momentum train_model applies to Summary.lrs
-# Adam step on the images when lr_images is unset: right at IPC 10 on mnist5k; IPC 1 gains from
-# 0.05 (+11 points there, -5.6 at IPC 10: docs/benchmark_methods.md)
+# Adam step on the images when lr_images is unset: suits IPC 10; IPC 1 prefers a larger one
+# (measured in docs/benchmark_methods.md)
 LR_IMAGES = 0.01
 
 
@@ -51,8 +51,8 @@ def distill(
     Each update draws a fresh network (or reuses one with ``cfg.dd_fixed_init``), trains it
     functionally on the synthetic set, and backpropagates the trained network's loss on
     ``dd_batch_real`` real images per class through the whole unroll. The unroll is plain SGD on
-    the plain images (``cfg.dd_augment`` applies ``dsa_strategy`` in it: at IPC 1 on mnist5k that
-    cost 6 points, docs/benchmark_methods.md); ``Summary.lrs`` holds the learned steps converted
+    the plain images (``cfg.dd_augment`` applies ``dsa_strategy`` in it, which cost accuracy at
+    IPC 1: docs/benchmark_methods.md); ``Summary.lrs`` holds the learned steps converted
     for train_model's momentum SGD.
     """
     generator = torch.Generator().manual_seed(cfg.seed)

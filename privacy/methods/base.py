@@ -14,6 +14,7 @@ from ddcore.summary import Summary
 from privacy.accounting import Accountant, DPPlan
 from privacy.errors import PrivateInitError
 from privacy.mechanisms import check_model
+from privacy.record import ACCOUNTANT, privacy_record
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,6 @@ def private_start(data: Dataset, cfg: DistillConfig, init: Summary | None,
     return images.to(cfg.device).requires_grad_(True), labels.to(cfg.device)
 
 
-def privacy_meta(plan: DPPlan, accountant: Accountant) -> dict[str, float | int | str]:
+def privacy_meta(plan: DPPlan, accountant: Accountant) -> dict[str, float | int | str | bool]:
     """The summary's record of the privacy it spent (epsilon from the accountant, not the target)."""
-    return {"dp": True, "epsilon": accountant.epsilon(plan.delta), "delta": plan.delta,
-            "target-epsilon": plan.target_epsilon, "noise-multiplier": plan.noise_multiplier,
-            "sample-rate": plan.sample_rate, "steps": accountant.steps,
-            "max-grad-norm": plan.max_grad_norm, "accountant": "rdp"}
+    return {"dp": True, **privacy_record(plan, accountant), "accountant": ACCOUNTANT}
