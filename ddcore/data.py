@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ddcore.errors import DataError, UnknownNameError
+from ddcore.mnistfiles import FASHION_MNIST, MNIST, IdxSet, load_idx_set
 from ddcore.registry import Registry
 
 
@@ -129,8 +130,23 @@ def _torchvision_loader(class_name: str, split_kw: str) -> Loader:
     return load
 
 
-DATASETS.register("mnist")(_torchvision_loader("MNIST", "train"))
-DATASETS.register("fashion-mnist")(_torchvision_loader("FashionMNIST", "train"))
+def _idx_loader(spec: IdxSet) -> Loader:
+    """Build a loader for an MNIST-format data set read from its four IDX files."""
+
+    def load(data_dir: Path | None, download: bool) -> RawSplits:
+        train_x, train_y, test_x, test_y = load_idx_set(spec, data_dir, download)
+        return _pixels(train_x), train_y.astype(np.int64), _pixels(test_x), test_y.astype(np.int64)
+
+    return load
+
+
+def _pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W) -> float32 (N, 1, H, W) in [0, 1]: ``_to_nchw``'s values without its float64 pass."""
+    return images[:, None].astype(np.float32) / np.float32(255)  # exact: equal to x / 255.0 for 0..255
+
+
+DATASETS.register("mnist")(_idx_loader(MNIST))
+DATASETS.register("fashion-mnist")(_idx_loader(FASHION_MNIST))
 DATASETS.register("cifar10")(_torchvision_loader("CIFAR10", "train"))
 DATASETS.register("cifar100")(_torchvision_loader("CIFAR100", "train"))
 DATASETS.register("svhn")(_torchvision_loader("SVHN", "split"))

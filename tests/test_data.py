@@ -63,7 +63,6 @@ def test_torchvision_mnist_from_local_files(tmp_path) -> None:
 @pytest.mark.parametrize("name, kwargs, error, message", [
     ("imagenet", {}, UnknownNameError, "unknown dataset 'imagenet'; known: .*mnist5k"),
     ("missing.npz", {}, DataError, "no such file"),
-    ("mnist", {}, DataError, "needs --data-dir"),
     ("mnist", {"download": False}, DataError, "not found|not a directory"),
 ])
 def test_bad_dataset_requests(tmp_path, name, kwargs, error, message) -> None:
