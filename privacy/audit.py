@@ -5,7 +5,8 @@ Used by ``simulations.compare`` (leakage columns) and ``simulations.privacy_util
 - :func:`membership_audit`: loss-threshold (and optionally LiRA) membership inference on the
   final global model; members are training examples of the clients, non-members held-out
   examples of the same distribution that no client or server ever trained on.
-- :func:`memorisation_audit`: how close the pooled summary sits to private vs held-out images.
+- :func:`memorisation_audit`: near-copies of private images in the pooled summary, and how close
+  it sits to private vs held-out images.
 - :func:`inversion_audit`: Inverting Gradients against one FedAvg client update of a batch,
   with or without DP-SGD's clipping and noise.
 """
@@ -83,7 +84,7 @@ def membership_audit(model: torch.nn.Module, members: Dataset, nonmembers: Datas
 
 
 def memorisation_audit(pooled: Summary, splits: DataSplits, seed: int, max_reference: int = 1000) -> dict:
-    """Nearest private vs nearest held-out image of every pooled synthetic image."""
+    """Near-copies of private images (whole training split) and nearest private vs held-out images."""
     return memorisation(pooled.images, splits.train, splits.test, seed=seed,
                         max_reference=max_reference).to_dict()
 
@@ -153,7 +154,8 @@ def audit_system(cfg: RunConfig, kind: str, final_state: dict[str, torch.Tensor]
     ``mia_*``: loss-threshold membership inference on the final global model; ``lira``: LiRA
     for FedAvg when ``lira_shadows`` > 0 (its shadow recipe, :func:`fedavg_shadow_trainer`, is a
     proxy of FedAvg's; a distillation system's recipe - distil, pool, train - is too costly
-    to repeat per shadow here); ``memorisation*``: of the pooled summary. Missing pieces
+    to repeat per shadow here); ``memorisation*``: of the pooled summary (``near_copy_fraction``
+    over the whole private set, :func:`privacy.attacks.memorisation.memorisation`). Missing pieces
     (a system whose every round failed, FedAvg's absent summary) are None.
     """
     mia: dict = {}
@@ -169,4 +171,5 @@ def audit_system(cfg: RunConfig, kind: str, final_state: dict[str, torch.Tensor]
             "mia_tpr_at_1pct_fpr": loss.get("tpr_at_1pct_fpr"),
             "mia_tpr_at_0.1pct_fpr": loss.get("tpr_at_0_1pct_fpr"),
             "mia_members": len(members), "mia_nonmembers": len(nonmembers), "lira": mia.get("lira"),
-            "memorisation_closer_to_private": (mem or {}).get("closer_to_private_l2"), "memorisation": mem}
+            "memorisation_closer_to_private": (mem or {}).get("closer_to_private_l2"),
+            "memorisation_near_copy_fraction": (mem or {}).get("near_copy_fraction"), "memorisation": mem}

@@ -27,3 +27,7 @@ class UnsupportedModelError(PrivacyError):
 
 class PrivateInitError(PrivacyError):
     """DP distillation was asked to start from real (private) images."""
+
+
+class AuditError(PrivacyError):
+    """An audit was asked with arguments it cannot use (confidence, canary or guess counts, scores)."""
