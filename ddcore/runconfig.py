@@ -238,6 +238,9 @@ RUN_PRESETS: dict[str, RunConfig] = {
         distill=DistillConfig(mtt_expert_epochs=4, mtt_max_start=2),
         train=TrainConfig(min_steps=200),
     ),
+    # the research bench: full Fashion-MNIST (Debian's dataset-fashion-mnist), otherwise the default
+    # settings (10 clients, Dirichlet 0.5, seed 0)
+    "fmnist": RunConfig(dataset="fashion-mnist"),
     # GPU-scale: ConvNet-128 and long optimisation, as in the papers
     "paper": RunConfig(
         distill=DistillConfig(iterations=20000, model=ModelSpec(width=128)),

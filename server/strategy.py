@@ -53,6 +53,17 @@ def reply_entry(ledger: Ledger, server_round: int, reply: Message) -> ClientRoun
     return entry
 
 
+def reply_order(reply: Message) -> tuple[int, int, int]:
+    """Sort key of replies: by the client id they report (node ids are random per run), errors last.
+
+    Replies arrive in completion order; aggregating them in a fixed order makes FedAvg's
+    weighted mean, and so its accuracy, reproducible for a given seed.
+    """
+    if reply.has_error() or protocol.METRICS not in reply.content:
+        return (1, 0, reply.metadata.src_node_id)
+    return (0, int(reply.content[protocol.METRICS].get("client-id", -1)), reply.metadata.src_node_id)
+
+
 def read_metrics(entry: ClientRound, metrics: Mapping, seconds_key: str) -> None:
     """Copy the client's self-reported id, examples, work time and peak memory into ``entry``."""
     entry.client_id = int(metrics.get("client-id", -1))
@@ -183,7 +194,7 @@ class CountingFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies = sorted(replies, key=reply_order)  # a weighted mean's float sum depends on the order
         for reply in replies:
             entry = reply_entry(self.ledger, server_round, reply)
             if entry is not None:

@@ -82,3 +82,17 @@ def test_rounds_survive_faulty_clients_and_a_starved_round_keeps_previous_result
     assert images.shape[1:] == splits.test.image_shape and torch.isfinite(images).all()
     assert limits.value_range[0] <= images.min() and images.max() <= limits.value_range[1]
     assert labels.dtype == torch.int64 and labels.min() >= 0 and labels.max() < 10
+
+
+def test_fedavg_replies_are_aggregated_in_client_id_order() -> None:
+    from types import SimpleNamespace
+
+    from server.strategy import reply_order
+
+    def reply(cid: int | None, node: int) -> SimpleNamespace:  # what reply_order reads of a Message
+        content = {} if cid is None else {"metrics": {"client-id": cid, "num-examples": 1}}
+        return SimpleNamespace(has_error=lambda: cid is None, content=content,
+                               metadata=SimpleNamespace(src_node_id=node))
+
+    replies = [reply(2, 7), reply(None, 1), reply(0, 9), reply(1, 8)]
+    assert [r.metadata.src_node_id for r in sorted(replies, key=reply_order)] == [9, 8, 7, 1]
