@@ -204,9 +204,13 @@ def _convert(key: str, value: Scalar, current: object) -> object:
 
 
 def check_device(cfg: RunConfig) -> RunConfig:
-    """Return ``cfg``, or raise if it asks for CUDA on a machine where torch sees none."""
+    """Return ``cfg``, or raise if its device is no torch device or CUDA that torch does not see."""
     import torch
 
+    try:
+        torch.device(cfg.distill.device)
+    except RuntimeError:
+        raise ConfigError(f"device {cfg.distill.device!r} is not a torch device; use cpu or cuda") from None
     if cfg.distill.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     return cfg
