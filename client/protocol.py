@@ -9,10 +9,12 @@ Bytes are counted with Flower's ``count_bytes()`` on every record of a message's
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from ddcore.devicedata import DataSpec
 from ddcore.summary import Summary
 
 CONFIG = "config"  # ConfigRecord: the flat run-config plus per-round values
@@ -24,7 +26,23 @@ METRICS = "metrics"  # MetricRecord: num-examples, seconds, peak memory, ...
 DISTILL = "train.distill"  # message type of a distillation request
 FEDAVG = "train"  # message type of a FedAvg round (Flower's FedAvg sends plain "train")
 
-EXTRA_KEYS = ("num-classes", "server-round")  # sent beside the flat run-config
+SPEC_KEYS = ("data-name", "data-shape", "data-mean", "data-std")  # what the run's images look like
+EXTRA_KEYS = ("num-classes", "server-round", *SPEC_KEYS)  # sent beside the flat run-config
+
+
+def spec_config(spec: DataSpec) -> dict[str, int | str | list[int] | list[float]]:
+    """The round-config entries telling a node the run's class count, image shape, mean and std."""
+    return {"num-classes": spec.num_classes, "data-name": spec.name, "data-shape": list(spec.image_shape),
+            "data-mean": list(spec.mean), "data-std": list(spec.std)}
+
+
+def read_spec(config: Mapping) -> DataSpec | None:
+    """The :class:`DataSpec` a round config carries, or None if the server sent none."""
+    if not all(key in config for key in SPEC_KEYS):
+        return None
+    c, h, w = (int(v) for v in config["data-shape"])
+    return DataSpec(str(config["data-name"]), (c, h, w), int(config["num-classes"]),
+                    tuple(float(v) for v in config["data-mean"]), tuple(float(v) for v in config["data-std"]))
 
 
 def summary_content(summary: Summary, dtype: str, resolution: int | None, metrics: dict) -> RecordDict:
