@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -151,11 +150,13 @@ def run(args: list[str], env: dict[str, str], deadline: float) -> subprocess.Com
 
 
 def register(pub: Path, env: dict[str, str], deadline: float) -> int:
-    """``flwr supernode register``; returns the node id it prints."""
-    reg = run([str(BIN / "flwr"), "supernode", "register", str(pub), "edge"], env, deadline)
-    found = re.search(r"SuperNode (\d+) registered successfully", reg.stdout)
-    assert reg.returncode == 0 and found, reg.stdout + reg.stderr
-    return int(found.group(1))
+    """``flwr supernode register ... --format json`` (as the README keeps it); returns the node id."""
+    reg = run([str(BIN / "flwr"), "supernode", "register", str(pub), "edge", "--format", "json"],
+              env, deadline)
+    assert reg.returncode == 0, reg.stdout + reg.stderr
+    answer = json.loads(reg.stdout)
+    assert answer["success"], answer
+    return int(answer["node-id"])
 
 
 def flwr_run(out: Path, clients: int, env: dict[str, str], deadline: float) -> dict:
