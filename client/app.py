@@ -20,7 +20,7 @@ _DATA, _DATA_META = "local-data", "local-data-meta"  # node state: this node's d
 _ACCOUNTANT = "dp-accountant"  # node state: DP-FedAvg accountant, spanning every round of the run
 
 
-def _local_data(cfg: RunConfig, context: Context) -> Dataset:
+def _local_data(cfg: RunConfig, context: Context, message: Message) -> Dataset:
     """This node's data, kept in the node's ``context.state`` after the first message.
 
     Loading and partitioning take seconds; FedAvg sends a message per round, so the node
@@ -32,7 +32,7 @@ def _local_data(cfg: RunConfig, context: Context) -> Dataset:
         x, y = (torch.from_numpy(arrays[k].numpy()) for k in ("x", "y"))
         return Dataset(x, y, int(meta["num-classes"]),
                        tuple(meta["mean"]), tuple(meta["std"]), str(meta["name"]))
-    data = local_data(cfg, context.node_config)
+    data = local_data(cfg, context.node_config, protocol.read_spec(message.content[protocol.CONFIG]))
     context.state[_DATA] = ArrayRecord({"x": Array(data.x.numpy()), "y": Array(data.y.numpy())})
     context.state[_DATA_META] = ConfigRecord({"key": key, "num-classes": data.num_classes,
                                               "mean": list(data.mean), "std": list(data.std),
@@ -42,7 +42,7 @@ def _local_data(cfg: RunConfig, context: Context) -> Dataset:
 
 def _read_config(message: Message) -> tuple[RunConfig, int, int]:
     """The run config, number of classes and round the server sent."""
-    flat = dict(message.content[protocol.CONFIG])
+    flat = {k: v for k, v in message.content[protocol.CONFIG].items() if k not in protocol.SPEC_KEYS}
     num_classes = int(flat.pop(protocol.NUM_CLASSES))
     server_round = int(flat.pop(protocol.SERVER_ROUND, 1))
     return from_flat(flat), num_classes, server_round
@@ -53,7 +53,7 @@ def distill_summary(message: Message, context: Context) -> Message:
     """Distill this node's data and reply with the (compactly encoded) summary."""
     cfg, num_classes, server_round = _read_config(message)
     cid = client_id(context.node_config)
-    data = _local_data(cfg, context)
+    data = _local_data(cfg, context, message)
     global_state, previous = None, None
     if protocol.ARRAYS in message.content:  # iterative round: refine around the global model
         global_state = message.content[protocol.ARRAYS].to_torch_state_dict()
@@ -106,7 +106,7 @@ def fedavg_update(message: Message, context: Context) -> Message:
     """One FedAvg round: train the received global model on local data, return the weights."""
     cfg, num_classes, server_round = _read_config(message)
     cid = client_id(context.node_config)
-    data = _local_data(cfg, context)
+    data = _local_data(cfg, context, message)
     state = message.content[protocol.ARRAYS].to_torch_state_dict()
     seed = client_seed(cfg, cid, server_round)
     metrics: dict[str, int | float] = {}

@@ -9,10 +9,12 @@ Bytes are counted with Flower's ``count_bytes()`` on every record of a message's
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from ddcore.devicedata import DataSpec
 from ddcore.summary import Summary
 
 CONFIG = "config"  # ConfigRecord: the flat run-config plus per-round values
@@ -26,6 +28,22 @@ DISTILL = "train.distill"  # message type of a distillation request (FedAvg's is
 # sent in the CONFIG record beside the flat run-config
 NUM_CLASSES = "num-classes"  # the label space (a client may hold only some classes)
 SERVER_ROUND = "server-round"  # the round a distillation request belongs to
+SPEC_KEYS = ("data-name", "data-shape", "data-mean", "data-std")  # what the run's images look like
+
+
+def spec_config(spec: DataSpec) -> dict[str, int | str | list[int] | list[float]]:
+    """The round-config entries telling a node the run's class count, image shape, mean and std."""
+    return {NUM_CLASSES: spec.num_classes, "data-name": spec.name, "data-shape": list(spec.image_shape),
+            "data-mean": list(spec.mean), "data-std": list(spec.std)}
+
+
+def read_spec(config: Mapping) -> DataSpec | None:
+    """The :class:`DataSpec` a round config carries, or None if the server sent none."""
+    if not all(key in config for key in SPEC_KEYS):
+        return None
+    c, h, w = (int(v) for v in config["data-shape"])
+    return DataSpec(str(config["data-name"]), (c, h, w), int(config[NUM_CLASSES]),
+                    tuple(float(v) for v in config["data-mean"]), tuple(float(v) for v in config["data-std"]))
 
 
 def summary_content(summary: Summary, dtype: str, resolution: int | None, metrics: dict) -> RecordDict:

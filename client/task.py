@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ddcore.data import Dataset, load_dataset
+from ddcore.devicedata import DataSpec, load_device_data
 from ddcore.errors import ConfigError
 from ddcore.methods import distill
 from ddcore.models import ModelFactory, build_model, model_factory
@@ -37,15 +38,23 @@ def client_seed(cfg: RunConfig, cid: int, server_round: int) -> int:
     return cfg.distill.seed * 100_003 + cid * 101 + server_round
 
 
-def local_data(cfg: RunConfig, node_config: NodeConfig) -> Dataset:
+def run_spec(cfg: RunConfig) -> DataSpec:
+    """What the run's images look like, from the run's dataset loaded here (server side, tests)."""
+    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed)
+    return DataSpec.of(splits.train)
+
+
+def local_data(cfg: RunConfig, node_config: NodeConfig, spec: DataSpec | None = None) -> Dataset:
     """This node's private training data.
 
-    A deployed node names its own file with ``data-path`` (an ``.npz`` or ImageFolder); a
-    simulated or demo node takes partition ``partition-id`` of ``num-partitions`` of the
-    run's dataset, partitioned exactly as for every other method.
+    A deployed node names its own file with ``data-path`` (an ``.npz`` or ImageFolder): all of
+    it is training data, checked against ``spec`` (the run's image shape, classes, mean and std,
+    sent by the server; loaded here from the run's dataset when not given) and normalised with
+    the run's mean and std. A simulated or demo node takes partition ``partition-id`` of
+    ``num-partitions`` of the run's dataset, partitioned exactly as for every other method.
     """
     if "data-path" in node_config:
-        return load_dataset(str(node_config["data-path"]), seed=cfg.partition.seed).train
+        return load_device_data(str(node_config["data-path"]), spec or run_spec(cfg))
     if "partition-id" not in node_config:
         raise ConfigError("node config needs data-path=<file> or partition-id=<i> num-partitions=<n>")
     pid = int(node_config["partition-id"])

@@ -172,8 +172,8 @@ def _to_nchw(images: np.ndarray) -> np.ndarray:
     return x
 
 
-def _load_npz(path: Path) -> RawSplits:
-    """User data: an .npz with ``x``, ``y`` (and optionally ``x_test``, ``y_test``)."""
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (never unpickles); ``x`` and ``y`` must be present."""
     try:
         with np.load(path, allow_pickle=False) as f:
             files = dict(f)
@@ -182,13 +182,19 @@ def _load_npz(path: Path) -> RawSplits:
     missing = {"x", "y"} - set(files)
     if missing:
         raise DataError(f"{path} lacks array(s) {sorted(missing)}; an .npz needs 'x' and 'y'")
+    return files
+
+
+def _load_npz(path: Path) -> RawSplits:
+    """User data: an .npz with ``x``, ``y`` (and optionally ``x_test``, ``y_test``)."""
+    files = read_npz(path)
     x_test = _to_nchw(files["x_test"]) if "x_test" in files else None
     y_test = files["y_test"].astype(np.int64) if "y_test" in files else None
     return _to_nchw(files["x"]), files["y"].astype(np.int64).reshape(-1), x_test, y_test
 
 
-def _load_image_folder(path: Path) -> RawSplits:
-    """User data: an ImageFolder directory (one sub-folder of images per class)."""
+def read_image_folder(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """An ImageFolder directory as (uint8 images (N, H, W[, C]), class indices, class folder names)."""
     from ddcore.tvcompat import import_torchvision
 
     datasets = import_torchvision().datasets
@@ -204,7 +210,13 @@ def _load_image_folder(path: Path) -> RawSplits:
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
         raise DataError(f"images in {path} differ in size {sorted(shapes)[:3]}; resize them to one size")
-    return _to_nchw(np.stack(images).astype(np.uint8)), np.asarray(labels, np.int64), None, None
+    return np.stack(images).astype(np.uint8), np.asarray(labels, np.int64), list(folder.classes)
+
+
+def _load_image_folder(path: Path) -> RawSplits:
+    """User data: an ImageFolder directory (one sub-folder of images per class)."""
+    images, labels, _ = read_image_folder(path)
+    return _to_nchw(images), labels, None, None
 
 
 def load_dataset(

@@ -6,6 +6,15 @@
     server.pem, server.key    the SuperLink's certificate (SANs: the hosts) signed by the CA
     node0, node0.pub, ...     SuperNode authentication keys, ECDSA P-384
 
+``python -m privacy.tls --out keys --add-nodes 2`` adds the next free node key pairs
+(``node3``, ``node4``, ...) to an existing folder and touches nothing else: the CA, the
+server certificate and every existing node keep working. A node key is not a certificate;
+Flower admits a SuperNode because its public key is registered on the SuperLink
+(``flwr supernode register nodeN.pub``) and cuts it off when it is unregistered
+(``flwr supernode unregister <node-id>``). What ties a new device to the existing
+deployment is the ``ca.crt`` it is given to trust the SuperLink, so ``--add-nodes``
+requires the folder's ``ca.crt`` (``ca.key`` is not needed and is never read).
+
 Formats are those Flower 1.42 reads: certificates and the CA/server keys as PEM
 (``flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key``);
 node private keys in OpenSSH format (``flower-supernode --auth-supernode-private-key node0``,
@@ -21,6 +30,7 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +46,7 @@ from privacy.errors import PrivacyError
 logger = logging.getLogger(__name__)
 
 CURVE = ec.SECP384R1  # ECDSA P-384: a NIST curve, as Flower's node authentication requires
+NODE_FILE = re.compile(r"node(\d+)(\.pub)?")  # node3, node3.pub
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -182,6 +193,31 @@ def write_public(path: Path, data: bytes) -> None:
         raise KeyMaterialError(f"{path} already exists; delete the old key material or use --force") from None
 
 
+def write_all(files: Sequence[tuple[Path, bytes, bool]]) -> None:
+    """Write every ``(path, data, private)``; on any failure remove what this call wrote, then raise."""
+    written: list[Path] = []
+    try:
+        for path, data, private in files:
+            (write_private if private else write_public)(path, data)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def node_files(out: Path, index: int) -> list[tuple[Path, bytes, bool]]:
+    """A fresh key pair as files ``node{index}`` (private) and ``node{index}.pub``."""
+    private, public = node_key_files(make_node_key())
+    return [(out / f"node{index}", private, True), (out / f"node{index}.pub", public, False)]
+
+
+def existing_node_indices(out: Path) -> list[int]:
+    """Indices of the ``node<i>`` / ``node<i>.pub`` files in ``out``, sorted."""
+    found = {int(m.group(1)) for p in out.iterdir() if (m := NODE_FILE.fullmatch(p.name))}
+    return sorted(found)
+
+
 def write_key_material(out: str | Path, hosts: str | Sequence[str], nodes: int, days: int = 365,
                        force: bool = False) -> KeyMaterial:
     """Generate and write the CA, the server certificate for ``hosts`` and ``nodes`` node key pairs.
@@ -215,45 +251,108 @@ def write_key_material(out: str | Path, hosts: str | Sequence[str], nodes: int, 
     else:
         existing = [n for n in names if (out / n).exists()]
         if existing:
-            raise KeyMaterialError(f"{out} already holds {', '.join(existing)}; "
-                                   "choose another folder or use --force")
+            raise KeyMaterialError(f"{out} already holds {', '.join(existing)}; to add node keys to it "
+                                   "use --add-nodes N; otherwise choose another folder, or use --force "
+                                   "(a new CA: every node then needs the new ca.crt)")
 
     ca_key, ca_cert = make_ca(days)
     server_key, server_cert = make_server_certificate(ca_key, ca_cert, hosts, days)
-    write_public(out / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
-    write_private(out / "ca.key", pem_private_key(ca_key))
-    write_public(out / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM))
-    write_private(out / "server.key", pem_private_key(server_key))
-    node_keys, node_pubs = [], []
+    files = [(out / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), False),
+             (out / "ca.key", pem_private_key(ca_key), True),
+             (out / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM), False),
+             (out / "server.key", pem_private_key(server_key), True)]
     for i in range(nodes):
-        private, public = node_key_files(make_node_key())
-        write_private(out / f"node{i}", private)
-        write_public(out / f"node{i}.pub", public)
-        node_keys.append(out / f"node{i}")
-        node_pubs.append(out / f"node{i}.pub")
+        files += node_files(out, i)
+    write_all(files)
     logger.info("wrote a CA, a server certificate for %s and %d node key pairs to %s", hosts, nodes, out)
     return KeyMaterial(out / "ca.crt", out / "ca.key", out / "server.pem", out / "server.key",
-                       tuple(node_keys), tuple(node_pubs))
+                       tuple(out / f"node{i}" for i in range(nodes)),
+                       tuple(out / f"node{i}.pub" for i in range(nodes)))
+
+
+def read_ca_certificate(out: Path) -> x509.Certificate:
+    """The CA certificate ``out/ca.crt`` of an existing deployment, checked to be a CA."""
+    path = out / "ca.crt"
+    if not path.is_file():
+        raise KeyMaterialError(f"{path} not found; --add-nodes extends existing key material: create it "
+                               f"first with python -m privacy.tls --out {out} --hosts <addresses> --nodes N")
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (ValueError, x509.ExtensionNotFound):
+        is_ca = False
+    if not is_ca:
+        raise KeyMaterialError(f"{path} is not a CA certificate written by python -m privacy.tls; "
+                               "pass the --out folder of the deployment")
+    return cert
+
+
+def add_node_keys(out: str | Path, count: int) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """Add ``count`` node key pairs to an existing key folder, numbered after the highest existing one.
+
+    Nothing else in ``out`` is read or changed except ``ca.crt`` (read, to check that ``out``
+    holds a deployment). Indices are never reused, so a revoked node's files cannot be
+    mistaken for a new node's.
+
+    Returns
+    -------
+    (private keys, public keys) : tuple of tuples of Path
+        ``node<i>`` and ``node<i>.pub`` for each added node, in order.
+    """
+    if count < 1:
+        raise KeyMaterialError(f"--add-nodes must be >= 1, got {count}")
+    out = Path(out)
+    if not out.is_dir():
+        raise KeyMaterialError(f"{out} is not a folder; --add-nodes extends existing key material: create it "
+                               f"first with python -m privacy.tls --out {out} --hosts <addresses> --nodes N")
+    read_ca_certificate(out)
+    first = max(existing_node_indices(out), default=-1) + 1
+    indices = range(first, first + count)
+    write_all([f for i in indices for f in node_files(out, i)])
+    logger.info("added %d node key pairs (node%d..node%d) to %s", count, first, indices[-1], out)
+    return tuple(out / f"node{i}" for i in indices), tuple(out / f"node{i}.pub" for i in indices)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, with the combinations of --add-nodes checked (KeyMaterialError)."""
+    parser = argparse.ArgumentParser(prog="python -m privacy.tls", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder to write the key material into")
+    parser.add_argument("--hosts",
+                        help="comma-separated IPs and DNS names of the SuperLink, e.g. 127.0.0.1,localhost")
+    parser.add_argument("--nodes", type=int, default=None, help="number of SuperNode key pairs (default 0)")
+    parser.add_argument("--days", type=int, default=None, help="certificate validity in days (default 365)")
+    parser.add_argument("--force", action="store_true", help="replace existing key material in --out")
+    parser.add_argument("--add-nodes", type=int, default=None, metavar="N",
+                        help="add N node key pairs to the existing key material in --out (CA untouched)")
+    args = parser.parse_args(argv)
+    if args.add_nodes is not None:
+        extra = [flag for flag, value in (("--hosts", args.hosts), ("--nodes", args.nodes),
+                                          ("--days", args.days), ("--force", args.force or None))
+                 if value is not None]
+        if extra:
+            raise KeyMaterialError(f"--add-nodes adds node keys only; drop {', '.join(extra)}")
+    elif args.hosts is None:
+        raise KeyMaterialError("--hosts is required (the SuperLink's addresses, e.g. --hosts 127.0.0.1,"
+                               "localhost); to add node keys to an existing folder use --add-nodes N")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write key material, print what was written; bad input -> exit code 2."""
-    parser = argparse.ArgumentParser(prog="python -m privacy.tls", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder to write the key material into")
-    parser.add_argument("--hosts", required=True,
-                        help="comma-separated IPs and DNS names of the SuperLink, e.g. 127.0.0.1,localhost")
-    parser.add_argument("--nodes", type=int, default=0, help="number of SuperNode key pairs (default 0)")
-    parser.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
-    parser.add_argument("--force", action="store_true", help="replace existing key material in --out")
-    args = parser.parse_args(argv)
     try:
-        written = write_key_material(args.out, args.hosts, args.nodes, args.days, args.force)
+        args = parse_args(argv)
+        if args.add_nodes is not None:
+            keys, pubs = add_node_keys(args.out, args.add_nodes)
+        else:
+            written = write_key_material(args.out, args.hosts, args.nodes or 0,
+                                         365 if args.days is None else args.days, args.force)
+            keys, pubs = written.node_keys, written.node_public_keys
+            print(f"CA:      {written.ca_cert} (key {written.ca_key})")
+            print(f"server:  {written.server_cert} (key {written.server_key})")
     except (KeyMaterialError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"CA:      {written.ca_cert} (key {written.ca_key})")
-    print(f"server:  {written.server_cert} (key {written.server_key})")
-    for key, pub in zip(written.node_keys, written.node_public_keys, strict=True):
+    for key, pub in zip(keys, pubs, strict=True):
         print(f"node:    {key} (register {pub})")
     return 0
 

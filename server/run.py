@@ -11,6 +11,7 @@ from flwr.serverapp import Grid
 
 from client import protocol
 from ddcore.data import Dataset
+from ddcore.devicedata import DataSpec
 from ddcore.models import build_model
 from ddcore.runconfig import RunConfig, to_flat
 from ddcore.summary import Summary
@@ -58,9 +59,13 @@ class SystemResult:
                 "per_client": {str(cid): p for cid, p in sorted(last.items())}}
 
 
-def round_config(cfg: RunConfig, num_classes: int) -> ConfigRecord:
-    """The ConfigRecord every client request carries: the flat run-config plus the class count."""
-    return ConfigRecord({**to_flat(cfg), protocol.NUM_CLASSES: num_classes})
+def round_config(cfg: RunConfig, data: DataSpec) -> ConfigRecord:
+    """The ConfigRecord every client request carries: the flat run-config plus the run's data spec.
+
+    The spec (class count, image shape, mean and std) lets a deployed node check its own data
+    against the run and normalise it like the server's test set.
+    """
+    return ConfigRecord({**to_flat(cfg), **protocol.spec_config(data)})
 
 
 def run_distillation(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "distill") -> SystemResult:
@@ -70,7 +75,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "dis
     strategy = DistillStrategy(cfg, limits, ledger)
     start = time.perf_counter()
     result = strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
-                            train_config=round_config(cfg, test.num_classes),
+                            train_config=round_config(cfg, DataSpec.of(test)),
                             evaluate_fn=evaluate_fn(cfg, test, ledger))
     pooled = strategy.pooled() if strategy.pool else None
     return SystemResult(name, ledger, time.perf_counter() - start, cfg.rounds, pooled, _state(result.arrays))
@@ -84,7 +89,7 @@ def run_fedavg(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "fedavg") 
     strategy = CountingFedAvg(cfg, ledger)
     start = time.perf_counter()
     result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg.fedavg_rounds,
-                            timeout=cfg.round_timeout, train_config=round_config(cfg, test.num_classes),
+                            timeout=cfg.round_timeout, train_config=round_config(cfg, DataSpec.of(test)),
                             evaluate_fn=evaluate_fn(cfg, test, ledger))
     return SystemResult(name, ledger, time.perf_counter() - start, cfg.fedavg_rounds,
                         final_state=_state(result.arrays))

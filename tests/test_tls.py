@@ -1,8 +1,9 @@
-"""Key material for deployments: a CA-signed server certificate, node keys Flower accepts, 0600 keys."""
+"""Key material: a CA-signed server certificate, node keys Flower accepts, 0600 keys, nodes added later."""
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import stat
 
 import pytest
@@ -13,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.cli.supernode.register import try_load_public_key
 
-from privacy.tls import KeyMaterialError, main, write_key_material
+from privacy.tls import KeyMaterialError, add_node_keys, main, write_all, write_key_material
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +88,70 @@ def test_cli_refuses_a_file_as_out_dir_and_writes_a_folder_otherwise(tmp_path, c
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
         "ca.crt", "ca.key", "node0", "node0.pub", "node1", "node1.pub", "node2", "node2.pub",
         "server.key", "server.pem"]
+
+
+def _snapshot(folder) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_add_nodes_extends_a_deployment_without_touching_the_ca_or_other_keys(tmp_path, capsys) -> None:
+    keys = tmp_path / "keys"
+    write_key_material(keys, "127.0.0.1", nodes=3)
+    before = _snapshot(keys)
+    assert main(["--out", str(keys), "--add-nodes", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"node:    {keys / n} (register {keys / n}.pub)" for n in ("node3", "node4")]
+    after = _snapshot(keys)
+    assert {n: after[n] for n in before} == before  # ca.*, server.*, node0..2 byte- and mtime-identical
+    assert sorted(set(after) - set(before)) == ["node3", "node3.pub", "node4", "node4.pub"]
+    for name in ("node3", "node4"):
+        private = serialization.load_ssh_private_key((keys / name).read_bytes(), None)
+        assert isinstance(private.curve, ec.SECP384R1) and stat.S_IMODE((keys / name).stat().st_mode) == 0o600
+        assert private.public_key() == serialization.load_ssh_public_key((keys / f"{name}.pub").read_bytes())
+        assert try_load_public_key(keys / f"{name}.pub")
+    assert len({(keys / f"node{i}.pub").read_bytes() for i in range(5)}) == 5
+
+
+def test_add_nodes_never_reuses_a_revoked_nodes_number(tmp_path) -> None:
+    write_key_material(tmp_path, "127.0.0.1", nodes=3)
+    (tmp_path / "node2").unlink()  # node2 revoked and its private key deleted; node2.pub kept
+    (tmp_path / "node1.pub").unlink()
+    keys, pubs = add_node_keys(tmp_path, 1)
+    assert [p.name for p in keys] == ["node3"] and [p.name for p in pubs] == ["node3.pub"]
+
+
+@pytest.mark.parametrize(("setup", "argv", "message"), [
+    ("empty", ["--add-nodes", "1"], r"ca\.crt not found; --add-nodes extends existing key material"),
+    ("missing", ["--add-nodes", "1"], "is not a folder"),
+    ("not-a-ca", ["--add-nodes", "1"], "is not a CA certificate"),
+    ("keys", ["--add-nodes", "0"], "--add-nodes must be >= 1"),
+    ("keys", ["--add-nodes", "1", "--hosts", "127.0.0.1", "--force"], "drop --hosts, --force"),
+    ("keys", [], "--hosts is required.*--add-nodes N"),
+])
+def test_add_nodes_refuses_clearly_and_writes_nothing(tmp_path, capsys, setup, argv, message) -> None:
+    out = tmp_path / "k"
+    if setup != "missing":
+        out.mkdir()
+    if setup == "keys":
+        write_key_material(out, "127.0.0.1", nodes=1)
+    if setup == "not-a-ca":
+        server = write_key_material(tmp_path / "other", "127.0.0.1", nodes=0).server_cert
+        (out / "ca.crt").write_bytes(server.read_bytes())  # a certificate, but not a CA
+    before = _snapshot(out) if out.exists() else {}
+    assert main(["--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err
+    assert (_snapshot(out) if out.exists() else {}) == before
+
+
+def test_existing_folder_error_points_to_add_nodes(tmp_path, capsys) -> None:
+    write_key_material(tmp_path, "127.0.0.1", nodes=1)
+    assert main(["--out", str(tmp_path), "--hosts", "127.0.0.1", "--nodes", "4"]) == 2
+    assert "use --add-nodes N" in capsys.readouterr().err
+
+
+def test_a_failed_write_removes_what_it_wrote(tmp_path) -> None:
+    (tmp_path / "b").write_bytes(b"old")
+    with pytest.raises(KeyMaterialError, match="already exists"):
+        write_all([(tmp_path / "a", b"new", True), (tmp_path / "b", b"new", False)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"] and (tmp_path / "b").read_bytes() == b"old"
