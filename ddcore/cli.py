@@ -4,7 +4,9 @@
     python -m ddcore distill --method gm --dp --target-epsilon 1 --delta 1e-5 --out runs/dpgm
 
 With --dp the DP variant of the method runs (from the ``privacy`` package, imported only
-then), starting from noise; metrics.json then records the epsilon actually spent.
+then), starting from noise, on data normalised with fixed public constants (mean 0.5, std
+0.5: the data's own mean and std would be an unaccounted release); metrics.json then records
+the epsilon actually spent and the accountant.
 
 Writes DIR/metrics.json, DIR/summary.pt, DIR/synthetic.png (and DIR/importances.png for
 iadd), only once everything has succeeded. Bad input gives one line on stderr and exit code 2.
@@ -97,7 +99,9 @@ def _bar(desc: str, quiet: bool):
 def run_distill(args: argparse.Namespace) -> dict:
     cfg = build_config(args)
     name = method_name(cfg.distill)
-    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed)
+    private = name.startswith("dp-")  # a DP run normalises with public constants, not the data's own
+    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed,
+                          public_normalisation=private)
     check_ipc(splits.train, cfg.distill.ipc)
     out = args.out or Path("runs") / f"{cfg.distill.method}_ipc{cfg.distill.ipc}"
     if out.exists() and not out.is_dir():
@@ -111,7 +115,9 @@ def run_distill(args: argparse.Namespace) -> dict:
         bar.close()
     metrics = {"method": name, "ipc": cfg.distill.ipc, "dataset": splits.train.name,
                "images": len(summary), "distill_seconds": m.seconds, "distill_peak_rss_mb": m.peak_rss_mb,
-               "summary_bytes": sum(a.nbytes for a in summary.to_arrays().values())}
+               "summary_bytes": sum(a.nbytes for a in summary.to_arrays().values()),
+               "normalisation": {"source": "public constants" if private else "training split",
+                                 "mean": list(splits.train.mean), "std": list(splits.train.std)}}
     if summary.meta.get("dp"):  # the privacy record, snake_case (epsilon: the accountant's, spent)
         from privacy.record import PRIVACY_KEYS
 

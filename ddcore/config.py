@@ -75,6 +75,10 @@ class DistillConfig:
     inner_loop: int = 1  # network updates on the synthetic set between matching steps
     lr_net: float = 0.01
     dp: DPConfig = field(default_factory=DPConfig)  # privacy (needs the ``privacy`` package)
+    # DP-DM's one release (privacy.methods.dp_dm): a bank of random networks rebuilt from a seed
+    bank_size: int = 20  # K random networks; each record's feature concatenates their embeddings
+    bank_seed: int = 0  # network k is built from seed bank_seed + k (public: a server can rebuild it)
+    bank_augment: int = 0  # fixed dsa_strategy views averaged with the plain image (0 = plain only)
     seed: int = 0
     device: str = "cpu"
     # unrolled methods (DD, MTT, IADD): Adam step on the log of their learned step sizes
@@ -116,6 +120,9 @@ class DistillConfig:
                               f"{self.factor_hallucinators}, {self.factor_lr}")
         if self.ipc < 1:
             raise ConfigError(f"ipc must be >= 1, got {self.ipc}")
+        if self.bank_size < 1 or self.bank_augment < 0:
+            raise ConfigError(f"bank-size must be >= 1 and bank-augment >= 0, got {self.bank_size}, "
+                              f"{self.bank_augment}")
         if self.iterations < 0 or self.batch_real < 1 or self.outer_loop < 1 or self.inner_loop < 0:
             raise ConfigError(
                 "iterations >= 0, batch_real >= 1, outer_loop >= 1 and inner_loop >= 0 are required"

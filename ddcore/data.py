@@ -13,6 +13,8 @@ from ddcore.errors import DataError, UnknownNameError
 from ddcore.mnistfiles import FASHION_MNIST, MNIST, IdxSet, load_idx_set
 from ddcore.registry import Registry
 
+PUBLIC_MEAN, PUBLIC_STD = 0.5, 0.5  # normalisation that uses no data (see public_constants)
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -49,11 +51,37 @@ class Dataset:
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return x * std + mean
 
+    def renormalised(self, mean: tuple[float, ...], std: tuple[float, ...]) -> Dataset:
+        """The same pixels normalised with ``mean``/``std`` instead (per channel)."""
+        return Dataset(renormalise(self.x, self.mean, self.std, mean, std), self.y, self.num_classes,
+                       tuple(mean), tuple(std), self.name)
+
     def pixel_bounds(self) -> tuple[float, float]:
         """Lowest and highest normalised value a pixel in [0, 1] can take (any channel)."""
         lo = min((0.0 - m) / s for m, s in zip(self.mean, self.std, strict=True))
         hi = max((1.0 - m) / s for m, s in zip(self.mean, self.std, strict=True))
         return lo, hi
+
+
+def public_constants(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Fixed constants that use no data: mean 0.5 and std 0.5 per channel (pixels to [-1, 1]).
+
+    A DP run normalises with these: the training split's own mean and std are statistics of
+    the private data, and using them would be a release that no accountant covers.
+    """
+    return (PUBLIC_MEAN,) * channels, (PUBLIC_STD,) * channels
+
+
+def renormalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                new_mean: tuple[float, ...], new_std: tuple[float, ...]) -> torch.Tensor:
+    """Images (n, C, H, W) normalised with ``mean``/``std``, re-expressed with ``new_mean``/``new_std``."""
+    if tuple(mean) == tuple(new_mean) and tuple(std) == tuple(new_std):
+        return x
+
+    def column(v: tuple[float, ...]) -> torch.Tensor:
+        return torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+
+    return (x * column(std) + column(mean) - column(new_mean)) / column(new_std)
 
 
 @dataclass(frozen=True)
@@ -226,11 +254,13 @@ def load_dataset(
     seed: int = 0,
     test_fraction: float = 0.2,
     download: bool = True,
+    public_normalisation: bool = False,
 ) -> DataSplits:
     """Load a dataset by registered name or from a path to an ``.npz`` file or ImageFolder.
 
     Datasets that ship without a test split get a seeded, stratified ``test_fraction`` split.
-    Images are normalised per channel with the training split's mean and std.
+    Images are normalised per channel with the training split's mean and std, or, with
+    ``public_normalisation`` (DP runs), with the fixed constants of :func:`public_constants`.
     """
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -260,8 +290,11 @@ def load_dataset(
     if x_test is None or y_test is None:
         x, y, x_test, y_test = _stratified_split(x, y, test_fraction, seed)
     num_classes = int(max(y.max(), y_test.max())) + 1
-    mean = tuple(float(m) for m in x.mean(axis=(0, 2, 3)))
-    std = tuple(max(float(s), 1e-6) for s in x.std(axis=(0, 2, 3)))
+    if public_normalisation:
+        mean, std = public_constants(x.shape[1])
+    else:
+        mean = tuple(float(m) for m in x.mean(axis=(0, 2, 3)))
+        std = tuple(max(float(s), 1e-6) for s in x.std(axis=(0, 2, 3)))
     label = Path(name).stem if name not in DATASETS else name
 
     def make(xs: np.ndarray, ys: np.ndarray) -> Dataset:

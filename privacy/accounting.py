@@ -12,6 +12,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from ddcore.config import DPConfig
 from ddcore.errors import ConfigError
 from privacy.errors import DeltaTooLargeError, InvalidPrivacyParameterError
+from privacy.record import ACCOUNTANT
 
 
 def check_budget(*, target_epsilon: float, delta: float, max_grad_norm: float,
@@ -98,6 +99,8 @@ class DPPlan:
 
 class Accountant:
     """Opacus's RDP accountant with the zero-noise case (epsilon = inf) and saveable state."""
+
+    name = ACCOUNTANT  # recorded as a summary's ``accountant``
 
     def __init__(self) -> None:
         self._rdp = RDPAccountant()

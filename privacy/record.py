@@ -11,14 +11,18 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from privacy.accounting import Accountant, DPPlan
+    from privacy.single_release import SingleReleaseAccountant
 
 # epsilon is what the accountant says was spent so far (the whole run), not the target
 PRIVACY_KEYS = ("epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate", "steps",
                 "max-grad-norm")
-ACCOUNTANT = "rdp"  # the accountant behind every epsilon reported (Opacus's RDP accountant)
+# the accountant of repeated (subsampled) releases - DP-GM, DP-SGD - is Opacus's RDP accountant;
+# DP-DM's one release is accounted exactly ("analytic-gaussian", privacy.single_release). A DP
+# summary names its accountant in meta["accountant"].
+ACCOUNTANT = "rdp"
 
 
-def privacy_record(plan: DPPlan, accountant: Accountant) -> dict[str, float | int]:
+def privacy_record(plan: DPPlan, accountant: Accountant | SingleReleaseAccountant) -> dict[str, float | int]:
     """The record of ``plan`` as ``accountant`` has composed it so far, keyed by PRIVACY_KEYS."""
     values = (accountant.epsilon(plan.delta), plan.delta, plan.target_epsilon, plan.noise_multiplier,
               plan.sample_rate, accountant.steps, plan.max_grad_norm)

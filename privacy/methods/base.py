@@ -14,7 +14,8 @@ from ddcore.summary import Summary
 from privacy.accounting import Accountant, DPPlan
 from privacy.errors import PrivateInitError
 from privacy.mechanisms import check_model
-from privacy.record import ACCOUNTANT, privacy_record
+from privacy.record import privacy_record
+from privacy.single_release import SingleReleaseAccountant
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def private_start(data: Dataset, cfg: DistillConfig, init: Summary | None,
     return images.to(cfg.device).requires_grad_(True), labels.to(cfg.device)
 
 
-def privacy_meta(plan: DPPlan, accountant: Accountant) -> dict[str, float | int | str | bool]:
+def privacy_meta(plan: DPPlan, accountant: Accountant | SingleReleaseAccountant
+                 ) -> dict[str, float | int | str | bool]:
     """The summary's record of the privacy it spent (epsilon from the accountant, not the target)."""
-    return {"dp": True, **privacy_record(plan, accountant), "accountant": ACCOUNTANT}
+    return {"dp": True, **privacy_record(plan, accountant), "accountant": accountant.name}
