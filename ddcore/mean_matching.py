@@ -31,13 +31,16 @@ def match_class_means(
     iterations: int,
     lr: float,
     optimiser: str = "adam",
+    bounds: tuple[float, float] | None = None,
     progress: Progress | None = None,
 ) -> list[float]:
     """Step ``synthetic`` ``iterations`` times towards ``targets`` (K, D); returns the losses.
 
     Every step embeds all synthetic images with the whole bank (no sampling: the targets are
-    fixed, so the loss is deterministic). Using the targets any number of times is
-    post-processing: when they were released under DP, this costs no further privacy.
+    fixed, so the loss is deterministic). With ``bounds`` (the normalised values a real pixel
+    can take) the images are projected back into them after every step, so the finished set
+    needs no clamping that would undo what was matched. Using the targets any number of times
+    is post-processing: when they were released under DP, this costs no further privacy.
     """
     if optimiser not in OPTIMISERS:
         raise ValueError(f"unknown optimiser {optimiser!r}; known: {', '.join(OPTIMISERS)}")
@@ -50,6 +53,9 @@ def match_class_means(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if bounds is not None:
+            with torch.no_grad():
+                synthetic.leaves.clamp_(*bounds)
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(it + 1, iterations, {"loss": losses[-1]})

@@ -151,6 +151,10 @@ def test_matching_fixed_means_lowers_the_loss_and_moves_the_images(tiny) -> None
     losses = match_class_means(targets, bank, synthetic, iterations=30, lr=0.1)
     assert losses[-1] < 0.3 * losses[0], losses
     assert not torch.allclose(synthetic.images(), start)
+    assert synthetic.images().abs().max() > 1.0  # unprojected: outside the pixel range (here [-1, 1])
+    bounded = Synthetic.wrap(start.clone().requires_grad_(True), labels, cfg, g)
+    match_class_means(targets, bank, bounded, iterations=5, lr=0.1, bounds=(-1.0, 1.0))
+    assert bounded.images().abs().max() <= 1.0  # projected after every step
     feats = bank.features(tiny.x)
     assert float(mean_matching_loss(feats, tiny.y, targets)) == pytest.approx(0.0, abs=1e-8)  # real data fits
 

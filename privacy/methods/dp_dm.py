@@ -54,7 +54,8 @@ def distill(
        counts are released once with Gaussian noise calibrated exactly for
        ``cfg.dp.target_epsilon`` (:mod:`privacy.class_release`, :mod:`privacy.single_release`).
     3. Synthetic images, started from noise, are optimised for ``cfg.iterations`` Adam steps
-       towards the noisy class means - post-processing, no further privacy cost.
+       towards the noisy class means, kept inside the pixel range after every step -
+       post-processing, no further privacy cost.
 
     The summary is returned in ``data``'s normalisation (identity when ``data`` already uses
     the public constants, as every DP front end loads it); meta records the accountant,
@@ -78,7 +79,7 @@ def distill(
                 accountant.name, plan.max_grad_norm, accountant.epsilon(plan.delta), plan.delta)
     synthetic = Synthetic.wrap(images, labels, cfg, generator)
     match_class_means(stats.means(), bank, synthetic, iterations=cfg.iterations, lr=cfg.lr_or(LR_IMAGES),
-                      progress=progress)
+                      bounds=public.pixel_bounds(), progress=progress)
     summary = in_normalisation(synthetic.summary(public, cfg), public, data)
     return summary.with_meta(method="dp-dm", **privacy_meta(plan, accountant),
                              normalisation="public" if public.mean == data.mean and public.std == data.std
