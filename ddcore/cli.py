@@ -32,7 +32,7 @@ from ddcore.methods.options import without_options
 from ddcore.models import model_factory
 from ddcore.profile import measure
 from ddcore.runconfig import RunConfig, check_device, from_flat, keys, run_preset, to_flat
-from ddcore.settings import add_settings, given, ignored_centrally
+from ddcore.settings import add_settings, given, note_ignored_centrally
 from ddcore.summary import Summary
 from ddcore.train import train_and_evaluate
 
@@ -72,9 +72,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     cfg = check_device(from_flat(values, base=base))
     if cfg.distill.dp.enabled or cfg.distill.method.startswith("dp-"):
         import privacy.methods  # noqa: F401  (registers dp-gm, dp-dm)
-    ignored = ignored_centrally(values)
-    if ignored:
-        print(f"note: {', '.join(ignored)} only act in federated runs; ignored here", file=sys.stderr)
+    note_ignored_centrally(values)
     return cfg
 
 

@@ -10,6 +10,7 @@ flags, then ``--set`` pairs, each a flat run-config key. Every key is reachable 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterable, Mapping
 
 from ddcore.errors import ConfigError
@@ -73,9 +74,11 @@ def settings_from_args(args: argparse.Namespace, flags: Mapping[str, str] | Iter
     return check_device(from_flat(given(args, flags), base=run_preset(args.preset)))
 
 
-def ignored_centrally(keys: Iterable[str]) -> list[str]:
-    """Of ``keys``, those that only act in a federated run."""
-    return sorted(set(keys) & FEDERATED_KEYS)
+def note_ignored_centrally(keys: Iterable[str]) -> None:
+    """Say on stderr which of ``keys`` a centralised command accepts but ignores (federated-only)."""
+    ignored = sorted(set(keys) & FEDERATED_KEYS)
+    if ignored:
+        print(f"note: {', '.join(ignored)} only act in federated runs; ignored here", file=sys.stderr)
 
 
 def _flag_map(flags: Mapping[str, str] | Iterable[str]) -> dict[str, str]:

@@ -36,7 +36,7 @@ from ddcore.methods.base import check_ipc
 from ddcore.models import MODELS, model_factory
 from ddcore.profile import measure
 from ddcore.runconfig import RunConfig, check_device, distill_changes, from_flat, keys, run_preset, to_flat
-from ddcore.settings import add_settings, given
+from ddcore.settings import add_settings, given, note_ignored_centrally
 from ddcore.train import train_and_evaluate
 from simulations.common import fail
 
@@ -152,6 +152,7 @@ def plan(args: argparse.Namespace) -> tuple[RunConfig, Budget, list[str], list[i
             if lists[flag] is not None:
                 raise ConfigError(f"--set {key} and --{flag} both given; use --{flag}")
             lists[flag] = values.pop(key)
+    note_ignored_centrally(values)  # accepted, but a central benchmark has no clients
     options = {k: v for k, v in values.items() if k in keys("distill") and k != "device"}
     cfg = check_device(from_flat({k: v for k, v in values.items() if k not in options},
                                  base=run_preset(args.preset)))
