@@ -113,6 +113,7 @@ def run_distill(args: argparse.Namespace) -> dict:
         bar.close()
     metrics = {"method": name, "ipc": cfg.distill.ipc, "dataset": splits.train.name,
                "images": len(summary), "distill_seconds": m.seconds, "distill_peak_rss_mb": m.peak_rss_mb,
+               "iterations_done": summary.meta.get("iterations-done"),  # fewer than planned: time budget
                "summary_bytes": sum(a.nbytes for a in summary.to_arrays().values()),
                "normalisation": {"source": "public constants" if private else "training split",
                                  "mean": list(splits.train.mean), "std": list(splits.train.std)}}

@@ -11,6 +11,7 @@ from ddcore.models import ModelSpec
 
 INITS = ("real", "noise")
 PRECISIONS = ("fp32", "bf16", "fp16")
+REAL_PRECISIONS = ("auto", "fp32", "bf16")
 SOFT_LABELS = ("none", "learned", "teacher")
 
 
@@ -81,6 +82,11 @@ class DistillConfig:
     bank_augment: int = 0  # fixed dsa_strategy views averaged with the plain image (0 = plain only)
     seed: int = 0
     device: str = "cpu"
+    time_budget: float = 0.0  # seconds of optimisation: stop at the first iteration past it (0 = no limit)
+    # no-grad passes over real data (DM's real embeddings): chunk size and precision, measured in
+    # simulations.speed; auto = bf16 autocast where the CPU (avx512_bf16/AMX) or GPU runs it natively
+    embed_chunk: int = 64
+    real_precision: str = "auto"  # auto | fp32 | bf16
     # unrolled methods (DD, MTT, IADD): Adam step on the log of their learned step sizes
     lr_lr: float = 0.01
     # meta-model matching (DD)
@@ -166,6 +172,16 @@ class DistillConfig:
             raise ConfigError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
         if self.precision == "fp16" and not self.device.startswith("cuda"):
             raise ConfigError("precision fp16 needs a CUDA device (device=cuda); on CPU use precision=bf16")
+        if self.real_precision not in REAL_PRECISIONS:
+            raise ConfigError(f"unknown real-precision {self.real_precision!r}; known: "
+                              f"{', '.join(REAL_PRECISIONS)}")
+        if self.embed_chunk < 1 or not (self.time_budget >= 0 and math.isfinite(self.time_budget)):
+            raise ConfigError(f"embed-chunk must be >= 1 and time-budget a finite number of seconds >= 0 "
+                              f"(0 = no limit); got {self.embed_chunk}, {self.time_budget}")
+        if self.time_budget > 0 and self.multires > 0:
+            raise ConfigError("multires switches resolution after a fixed number of iterations, which "
+                              "a time budget may never reach; use multires=0 with time-budget, or drop "
+                              "the budget")
         if self.soft_labels not in SOFT_LABELS:
             raise ConfigError(f"unknown soft-labels {self.soft_labels!r}; known: {', '.join(SOFT_LABELS)}")
         if not (self.lr_labels > 0 and self.teacher_epochs >= 1 and self.teacher_temperature > 0):

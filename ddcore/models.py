@@ -188,6 +188,19 @@ MODELS.register("lenet")(LeNet)
 MODELS.register("resnet")(ResNet)
 
 
+def embed_frozen(net: nn.Module, x: torch.Tensor, chunk: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """``net.embed(x)`` with no autograd graph, ``chunk`` images per pass, as float32 (n, D).
+
+    ``dtype`` (e.g. ``torch.bfloat16``) runs the passes under autocast; ``None`` keeps float32.
+    Small chunks keep each layer's activations in cache: on a 2-core CPU, 2,560 Fashion-MNIST
+    images through ConvNet-128 take about 2.5x less time in chunks of 64 under bf16 than in one
+    fp32 batch (``python -m simulations.speed``).
+    """
+    enabled = dtype is not None
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+        return torch.cat([net.embed(part).float() for part in x.split(chunk)])
+
+
 def reset_parameters(model: nn.Module, generator: torch.Generator) -> nn.Module:
     """Re-initialise every layer like PyTorch's defaults, drawing from ``generator`` only."""
     for module in model.modules():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 import torch
 
 from ddcore.config import DistillConfig
@@ -9,6 +12,35 @@ from ddcore.data import Dataset
 from ddcore.errors import ConfigError
 from ddcore.factorised import Factors, init_hallucinators
 from ddcore.summary import Summary
+
+
+class Schedule:
+    """The iterations a method runs: ``cfg.iterations``, or fewer once ``cfg.time_budget`` runs out.
+
+    Iterate it instead of ``range(cfg.iterations)``. The budget is checked before each iteration
+    but the first, so a run always makes at least one update and stops at the first iteration
+    that would start past the budget (the last one may end up to one iteration late).
+    ``meta()`` records what was done, for the summary.
+    """
+
+    def __init__(self, cfg: DistillConfig) -> None:
+        self.planned = cfg.iterations
+        self.budget = cfg.time_budget
+        self.done = 0
+        self.seconds = 0.0
+
+    def __iter__(self) -> Iterator[int]:
+        start = time.perf_counter()
+        for it in range(self.planned):
+            if it > 0 and self.budget > 0 and time.perf_counter() - start >= self.budget:
+                break
+            yield it
+            self.done = it + 1
+            self.seconds = time.perf_counter() - start
+
+    def meta(self) -> dict[str, int | float]:
+        """``iterations-done`` and ``distill-seconds`` (the optimisation loop's wall time)."""
+        return {"iterations-done": self.done, "distill-seconds": round(self.seconds, 3)}
 
 
 class ClassIndex:

@@ -12,7 +12,7 @@ from torch.func import functional_call
 from ddcore.config import DistillConfig, TrainConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import ClassIndex, start_synthetic
+from ddcore.methods.base import ClassIndex, Schedule, start_synthetic
 from ddcore.methods.options import ImageOptions
 from ddcore.methods.soft_labels import Targets
 from ddcore.methods.unroll import params_of, unroll
@@ -67,7 +67,8 @@ def distill(
                             *targets.param_groups()])
     fixed = model_factory(generator) if cfg.dd_fixed_init else None
     strategy = cfg.dsa_strategy if cfg.dd_augment else "none"
-    for it in range(cfg.iterations):
+    schedule = Schedule(cfg)
+    for it in schedule:
         net = fixed if fixed is not None else model_factory(generator)
         with options.autocast():
             trained = unroll(net, params_of(net), options.images(), targets.current(), log_lrs.exp(),
@@ -80,5 +81,5 @@ def distill(
             lr = float(log_lrs.detach().exp().mean())
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach()), "lr": lr})
     summary = targets.finish(synthetic.summary(data, cfg)).with_meta(
-        **{"fixed-init": cfg.dd_fixed_init, "lrs-momentum": TRAIN_MOMENTUM})
+        **{"fixed-init": cfg.dd_fixed_init, "lrs-momentum": TRAIN_MOMENTUM}, **schedule.meta())
     return replace(summary, lrs=to_trainer_lrs(log_lrs.detach().exp()).cpu())

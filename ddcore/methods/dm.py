@@ -8,9 +8,9 @@ from ddcore.augment import apply, sample_params
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import ClassIndex, start_synthetic
-from ddcore.methods.options import ImageOptions
-from ddcore.models import ModelFactory
+from ddcore.methods.base import ClassIndex, Schedule, start_synthetic
+from ddcore.methods.options import ImageOptions, real_dtype
+from ddcore.models import ModelFactory, embed_frozen
 from ddcore.summary import Summary
 from ddcore.train import Progress
 
@@ -21,14 +21,18 @@ def embed_pair(
     syn: list[torch.Tensor],
     strategy: str,
     generator: torch.Generator,
+    chunk: int = 64,
+    real_dtype: torch.dtype | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Embed per-class real and synthetic batches under one shared (siamese) augmentation each.
 
-    Returns the real embeddings (no graph) and the synthetic ones (differentiable), per class.
+    Returns the real embeddings (no graph; ``chunk`` images per pass, autocast to ``real_dtype``
+    when given) and the synthetic ones (differentiable), per class.
     """
     params = [sample_params(strategy, 1, generator) for _ in real]
     with torch.no_grad():
-        real_emb = net.embed(torch.cat([apply(r, p) for r, p in zip(real, params, strict=True)]))
+        augmented = torch.cat([apply(r, p) for r, p in zip(real, params, strict=True)])
+    real_emb = embed_frozen(net, augmented, chunk, real_dtype)
     syn_emb = net.embed(torch.cat([apply(s, p) for s, p in zip(syn, params, strict=True)]))
     real_sizes = [r.shape[0] for r in real]
     syn_sizes = [s.shape[0] for s in syn]
@@ -57,15 +61,16 @@ def distill(
     labels = synthetic.labels
     classes = sorted(set(labels.tolist()))
     opt = torch.optim.SGD(synthetic.param_groups(cfg.lr_or(1.0)), momentum=0.5)
-    for it in range(cfg.iterations):
+    dtype, schedule = real_dtype(cfg), Schedule(cfg)
+    for it in schedule:
         net = model_factory(generator).train()
         net.requires_grad_(False)  # only the images learn; skips parameter gradients
         real = [data.x[index.sample(c, cfg.batch_real, generator)].to(cfg.device) for c in classes]
         images = options.images()
         syn = [images[labels == c] for c in classes]
         with options.autocast():
-            loss = dm_loss(*embed_pair(net, real, syn, cfg.dsa_strategy, generator))
+            loss = dm_loss(*embed_pair(net, real, syn, cfg.dsa_strategy, generator, cfg.embed_chunk, dtype))
         options.step(loss, opt)
         if progress is not None:
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach())})
-    return synthetic.summary(data, cfg)
+    return synthetic.summary(data, cfg).with_meta(**schedule.meta())

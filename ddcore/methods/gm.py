@@ -9,7 +9,7 @@ from ddcore.augment import apply, augment, sample_params
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import ClassIndex, start_synthetic
+from ddcore.methods.base import ClassIndex, Schedule, start_synthetic
 from ddcore.methods.options import ImageOptions
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
@@ -87,7 +87,8 @@ def distill(
     classes = sorted(set(labels.tolist()))
     opt_img = torch.optim.SGD(synthetic.param_groups(cfg.lr_or(0.1)), momentum=0.5)
     net, opt_net = None, None
-    for it in range(cfg.iterations):
+    schedule = Schedule(cfg)
+    for it in schedule:
         if it % cfg.outer_loop == 0:
             net = model_factory(generator).train()
             opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net, momentum=0.5)
@@ -101,4 +102,4 @@ def distill(
             train_on_synthetic(net, opt_net, options.images().detach(), labels, cfg, generator)
         if progress is not None:
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach())})
-    return synthetic.summary(data, cfg)
+    return synthetic.summary(data, cfg).with_meta(**schedule.meta())

@@ -7,7 +7,7 @@ import torch
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import start_synthetic
+from ddcore.methods.base import Schedule, start_synthetic
 from ddcore.methods.mtt import LR_IMAGES, expert_trajectories, initial_log_lr, match_distances
 from ddcore.methods.options import ImageOptions
 from ddcore.methods.soft_labels import Targets
@@ -69,7 +69,8 @@ def distill(
     images = synthetic.param_groups(cfg.lr_or(LR_IMAGES))
     opt = torch.optim.Adam([*images, {"params": [log_lr], "lr": cfg.lr_lr},
                             {"params": [logits], "lr": cfg.iadd_lr_importance}, *targets.param_groups()])
-    for it in range(cfg.iterations):
+    schedule = Schedule(cfg)
+    for it in schedule:
         with options.autocast():
             num, den = match_distances(net, experts, options.images(), targets.current(), log_lr, cfg,
                                        generator)
@@ -81,5 +82,6 @@ def distill(
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach()), "live": float(alive.sum())})
     weights = importances(logits.detach(), alive).cpu()
     meta = {f"{IMPORTANCE}{name}": float(w) for name, w in zip(names, weights, strict=True)}
-    meta.update({"syn-lr": float(log_lr.detach().exp()), "pruned-tensors": int((~alive).sum())})
+    meta.update({"syn-lr": float(log_lr.detach().exp()), "pruned-tensors": int((~alive).sum()),
+                 **schedule.meta()})
     return targets.finish(synthetic.summary(data, cfg)).with_meta(**meta)

@@ -10,7 +10,7 @@ import torch
 from ddcore.config import DistillConfig, TrainConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import start_synthetic
+from ddcore.methods.base import Schedule, start_synthetic
 from ddcore.methods.options import ImageOptions
 from ddcore.methods.soft_labels import Targets
 from ddcore.methods.unroll import Params, params_of, tensor_distances, unroll
@@ -97,7 +97,8 @@ def distill(
     images = synthetic.param_groups(cfg.lr_or(LR_IMAGES))
     opt = torch.optim.Adam([*images, {"params": [log_lr], "lr": cfg.lr_lr},
                             *targets.param_groups()])
-    for it in range(cfg.iterations):
+    schedule = Schedule(cfg)
+    for it in schedule:
         with options.autocast():
             num, den = match_distances(net, experts, options.images(), targets.current(), log_lr, cfg,
                                        generator)
@@ -107,4 +108,4 @@ def distill(
             lr = float(log_lr.detach().exp())
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach()), "lr": lr})
     summary = targets.finish(synthetic.summary(data, cfg))
-    return summary.with_meta(**{"syn-lr": float(log_lr.detach().exp())})
+    return summary.with_meta(**{"syn-lr": float(log_lr.detach().exp())}, **schedule.meta())

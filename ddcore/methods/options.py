@@ -26,6 +26,23 @@ PATCH_SCALE = (0.5, 1.0)  # side of a real patch, as a fraction of the image sid
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` runs bf16 matrix products in hardware (CPU: avx512_bf16 or AMX)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def real_dtype(cfg: DistillConfig) -> torch.dtype | None:
+    """Autocast dtype of the no-grad passes over real data (``cfg.real_precision``); None = fp32.
+
+    ``auto`` picks bf16 only where the hardware runs it natively: emulated bf16 is slower than fp32.
+    """
+    if cfg.real_precision == "auto":
+        return torch.bfloat16 if native_bf16(cfg.device) else None
+    return AUTOCAST_DTYPES.get(cfg.real_precision)
+
+
 def check_options(method: str, cfg: DistillConfig) -> None:
     """Raise :class:`ConfigError` if ``method`` cannot honour an option ``cfg`` switches on."""
     image_options = [name for name, on in (("residual-alpha", cfg.residual_alpha < 1),
@@ -34,6 +51,10 @@ def check_options(method: str, cfg: DistillConfig) -> None:
     if image_options and method not in IMAGE_OPTION_METHODS:
         raise ConfigError(f"method {method!r} does not support {', '.join(image_options)}; use one of "
                           f"{', '.join(sorted(IMAGE_OPTION_METHODS))} or drop the option(s)")
+    if cfg.time_budget > 0 and method not in IMAGE_OPTION_METHODS:
+        raise ConfigError(f"method {method!r} does not run by time; time-budget works with "
+                          f"{', '.join(sorted(IMAGE_OPTION_METHODS))} (DP methods account a fixed number "
+                          "of releases: set iterations instead)")
     if cfg.soft_labels == "learned" and method not in LEARNED_LABEL_METHODS:
         raise ConfigError(f"soft-labels=learned needs a method that unrolls training on the summary "
                           f"({', '.join(sorted(LEARNED_LABEL_METHODS))}), not {method!r}; "
@@ -51,7 +72,8 @@ def options_meta(cfg: DistillConfig) -> dict[str, str | float | int]:
 
 def without_options(cfg: DistillConfig) -> DistillConfig:
     """``cfg`` with every option off (for baselines such as random_real)."""
-    return replace(cfg, residual_alpha=1.0, multires=0.0, precision="fp32", soft_labels="none")
+    return replace(cfg, residual_alpha=1.0, multires=0.0, precision="fp32", soft_labels="none",
+                   time_budget=0.0)
 
 
 def real_patches(data: Dataset, index: ClassIndex, labels: torch.Tensor, size: tuple[int, int],
