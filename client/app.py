@@ -26,7 +26,7 @@ def _local_data(cfg: RunConfig, context: Context, message: Message) -> Dataset:
     Loading and partitioning take seconds; FedAvg sends a message per round, so the node
     keeps its partition (keyed by the settings that define it) instead of redoing that work.
     """
-    key = repr((cfg.dataset, cfg.data_dir, cfg.partition, sorted(context.node_config.items())))
+    key = repr((cfg.dataset, cfg.data_dir, cfg.partition, cfg.canaries, sorted(context.node_config.items())))
     if _DATA in context.state and context.state[_DATA_META].get("key") == key:
         arrays, meta = context.state[_DATA], context.state[_DATA_META]
         x, y = (torch.from_numpy(arrays[k].numpy()) for k in ("x", "y"))

@@ -51,7 +51,9 @@ def local_data(cfg: RunConfig, node_config: NodeConfig, spec: DataSpec | None = 
     it is training data, checked against ``spec`` (the run's image shape, classes, mean and std,
     sent by the server; loaded here from the run's dataset when not given) and normalised with
     the run's mean and std. A simulated or demo node takes partition ``partition-id`` of
-    ``num-partitions`` of the run's dataset, partitioned exactly as for every other method.
+    ``num-partitions`` of the run's dataset, partitioned exactly as for every other method,
+    plus its share of the run's audit canaries when ``cfg.canaries`` > 0
+    (:func:`privacy.audit.run_canaries`; a deployed node's own data gets none).
     """
     if "data-path" in node_config:
         return load_device_data(str(node_config["data-path"]), spec or run_spec(cfg))
@@ -63,7 +65,13 @@ def local_data(cfg: RunConfig, node_config: NodeConfig, spec: DataSpec | None = 
         raise ConfigError(f"partition-id {pid} is outside 0..{num - 1}")
     splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed)
     parts = partition_indices(splits.train.y.numpy(), replace(cfg.partition, num_partitions=num))
-    return splits.train.subset(parts[pid])
+    data = splits.train.subset(parts[pid])
+    if cfg.canaries:
+        from privacy.attacks.canary import insert_canaries
+        from privacy.audit import run_canaries
+
+        data = insert_canaries(data, run_canaries(cfg, splits), pid, num)
+    return data
 
 
 def perturbed_factory(base: ModelFactory, state: dict[str, torch.Tensor], radius: float) -> ModelFactory:

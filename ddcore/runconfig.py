@@ -41,6 +41,9 @@ class RunConfig:
     max_images: int = 2000  # per-client summary size cap (the server rejects larger)
     round_timeout: float = 3600.0  # seconds to wait for replies
     out_dir: str = "runs/flwr"  # where the ServerApp writes its report (flwr run)
+    # audit canaries (privacy.audit.run_canaries): m held-out images, inverted and mislabelled, each
+    # put into one simulated client's data with probability 1/2; 0 = none (the drivers set it)
+    canaries: int = 0
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.fedavg_rounds < 0 or self.local_epochs < 1:
@@ -58,6 +61,8 @@ class RunConfig:
         if self.distill.dp.enabled and self.rounds > 1:
             raise ConfigError("DP distillation is one-shot: with dp=true use rounds=1 "
                               "(iterative rounds would need one accountant across rounds)")
+        if self.canaries < 0:
+            raise ConfigError(f"canaries must be >= 0 (0 = no canary audit), got {self.canaries}")
         if self.summary_resolution < 0:
             raise ConfigError(f"summary-resolution must be >= 0, got {self.summary_resolution}")
 

@@ -9,11 +9,15 @@ Used by ``simulations.compare`` (leakage columns) and ``simulations.privacy_util
   it sits to private vs held-out images.
 - :func:`inversion_audit`: Inverting Gradients against one FedAvg client update of a batch,
   with or without DP-SGD's clipping and noise.
+- :func:`canary_columns`: the one-run canary audit (Steinke, Nasr & Jagielski 2023) of the
+  canaries :func:`run_canaries` put into the clients' data: an epsilon lower bound, to set
+  beside the accountant's epsilon (:func:`bound_exceeds_accounted`).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import torch
@@ -24,6 +28,7 @@ from ddcore.models import build_model
 from ddcore.runconfig import RunConfig
 from ddcore.summary import Summary
 from ddcore.train import train_model
+from privacy.attacks.canary import Canaries, canary_audit, distance_scores, loss_scores, make_canaries
 from privacy.attacks.inversion import invert_gradient, save_comparison, score_reconstruction
 from privacy.attacks.membership import ShadowTrainer, lira_attack, loss_threshold_attack
 from privacy.attacks.memorisation import memorisation
@@ -84,9 +89,66 @@ def membership_audit(model: torch.nn.Module, members: Dataset, nonmembers: Datas
 
 
 def memorisation_audit(pooled: Summary, splits: DataSplits, seed: int, max_reference: int = 1000) -> dict:
-    """Near-copies of private images (whole training split) and nearest private vs held-out images."""
+    """Near-copies of private images (whole training split) and nearest private vs held-out images.
+
+    ``max_reference`` sizes only the equal-sized subsamples of the "closer to private"
+    fractions; near-copies and nearest distances always search the whole private set.
+    """
     return memorisation(pooled.images, splits.train, splits.test, seed=seed,
                         max_reference=max_reference).to_dict()
+
+
+CANARY_KIND = "inverted"  # held-out images with pixels inverted and a wrong label: no evaluation image
+CANARY_BETA = 0.05  # 1 - confidence of every canary bound
+
+
+def run_canaries(cfg: RunConfig, splits: DataSplits) -> Canaries | None:
+    """The run's ``cfg.canaries`` canaries (None when 0), identical wherever they are rebuilt.
+
+    Made from the held-out split (:data:`CANARY_KIND`: inverted, mislabelled, so none equals a
+    test image) with the run's seed; each is included with probability 1/2 and an included
+    canary ``i`` goes into the data of simulated client ``i mod num-clients``
+    (:meth:`~privacy.attacks.canary.Canaries.inserted`, used by :func:`client.task.local_data`).
+    """
+    if cfg.canaries == 0:
+        return None
+    return make_canaries(splits.test, cfg.canaries, kind=CANARY_KIND, seed=cfg.partition.seed)
+
+
+def canary_columns(canaries: Canaries, model: torch.nn.Module | None, pooled: Summary | None, *,
+                   delta: float, beta: float = CANARY_BETA, seed: int = 0) -> dict:
+    """The one-run audit of a finished system: an epsilon lower bound from its canaries.
+
+    Scores (higher = "included"): minus each canary's loss under the final global ``model``
+    and, when the system released summaries, minus its L2 distance to the nearest image of the
+    ``pooled`` summary. Each available score is audited with
+    :func:`~privacy.attacks.canary.canary_audit` at ``beta`` divided by the number of scores,
+    so the largest bound (``eps_lower_bound``) holds at confidence ``1 - beta``; its guesses
+    and right guesses come with it, and ``canary_max_certifiable`` is the most any of the
+    audits could certify (every guess right). All None without a model and a summary.
+    """
+    scores: dict[str, torch.Tensor] = {}
+    if model is not None:
+        scores["loss"] = loss_scores(model, canaries)
+    if pooled is not None and len(pooled):
+        scores["distance"] = distance_scores(canaries, pooled.images)
+    results = {kind: canary_audit(score, canaries.included, delta=delta, beta=beta / len(scores), seed=seed)
+               for kind, score in scores.items()}
+    best = max(results, key=lambda k: results[k].eps_lower_bound) if results else None
+    top = results[best] if best is not None else None
+    return {"eps_lower_bound": top.eps_lower_bound if top else None,
+            "canary_guesses": top.guesses if top else None, "canary_correct": top.correct if top else None,
+            "canary_score": best, "canaries": len(canaries),
+            "canaries_included": int(canaries.included.sum()),
+            "canary_max_certifiable": max(r.max_certifiable for r in results.values()) if results else None,
+            "canary_audits": {k: r.to_dict() for k, r in results.items()}}
+
+
+def bound_exceeds_accounted(eps_lower_bound: float | None, eps_spent: float | None) -> bool:
+    """True when a canary lower bound is above the accountant's (finite) epsilon: a DP bug (or a
+    false alarm of probability at most beta); never for a non-DP or a noise-free run."""
+    return (eps_lower_bound is not None and eps_spent is not None and math.isfinite(eps_spent)
+            and eps_lower_bound > eps_spent)
 
 
 def client_update_gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
@@ -148,28 +210,38 @@ def inversion_audit(cfg: RunConfig, data: Dataset, *, batch_size: int, noise_mul
 
 def audit_system(cfg: RunConfig, kind: str, final_state: dict[str, torch.Tensor] | None,
                  pooled: Summary | None, splits: DataSplits, members: Dataset, nonmembers: Dataset, *,
-                 lira_shadows: int = 0) -> dict:
+                 lira_shadows: int = 0, memorisation_reference: int = 1000,
+                 canaries: Canaries | None = None) -> dict:
     """The leakage audits of one finished system (``kind`` "distill" or "fedavg"), as report columns.
 
     ``mia_*``: loss-threshold membership inference on the final global model; ``lira``: LiRA
     for FedAvg when ``lira_shadows`` > 0 (its shadow recipe, :func:`fedavg_shadow_trainer`, is a
     proxy of FedAvg's; a distillation system's recipe - distil, pool, train - is too costly
     to repeat per shadow here); ``memorisation*``: of the pooled summary (``near_copy_fraction``
-    over the whole private set, :func:`privacy.attacks.memorisation.memorisation`). Missing pieces
+    over the whole private set, :func:`privacy.attacks.memorisation.memorisation`; the "closer to
+    private" fractions on ``memorisation_reference`` images of each set); with ``canaries``,
+    the canary audit's columns (:func:`canary_columns`, at the run's delta). Missing pieces
     (a system whose every round failed, FedAvg's absent summary) are None.
     """
     mia: dict = {}
-    if final_state is not None:
-        model = global_model(cfg, final_state, splits.test)
+    model = global_model(cfg, final_state, splits.test) if final_state is not None else None
+    if model is not None:
         lira = kind == "fedavg" and lira_shadows > 0
         mia = membership_audit(model, members, nonmembers,
                                shadow_trainer=fedavg_shadow_trainer(cfg) if lira else None,
                                shadows=lira_shadows if lira else 0, seed=cfg.partition.seed)
-    mem = memorisation_audit(pooled, splits, seed=cfg.partition.seed) if pooled is not None else None
+    mem = None
+    if pooled is not None:
+        mem = memorisation_audit(pooled, splits, seed=cfg.partition.seed,
+                                 max_reference=memorisation_reference)
+    canary = {}
+    if canaries is not None:
+        canary = canary_columns(canaries, model, pooled, delta=cfg.distill.dp.delta, seed=cfg.partition.seed)
     loss = mia.get("loss_threshold", {})
     return {"mia_attack": "loss-threshold", "mia_auc": loss.get("auc"),
             "mia_tpr_at_1pct_fpr": loss.get("tpr_at_1pct_fpr"),
             "mia_tpr_at_0.1pct_fpr": loss.get("tpr_at_0_1pct_fpr"),
             "mia_members": len(members), "mia_nonmembers": len(nonmembers), "lira": mia.get("lira"),
             "memorisation_closer_to_private": (mem or {}).get("closer_to_private_l2"),
-            "memorisation_near_copy_fraction": (mem or {}).get("near_copy_fraction"), "memorisation": mem}
+            "memorisation_near_copy_fraction": (mem or {}).get("near_copy_fraction"), "memorisation": mem,
+            **canary}

@@ -20,6 +20,36 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def canary_bound_cell(row: dict) -> str:
+    """The canary audit's epsilon lower bound, marked when it exceeds the accountant's epsilon."""
+    bound = row.get("eps_lower_bound")
+    if bound is None:
+        return "-"
+    if row.get("canary_bound_exceeds_epsilon"):
+        return f"**{bound:.2f} > eps spent: DP BUG**"
+    return f"{bound:.2f}"
+
+
+def canary_guesses_cell(row: dict) -> str:
+    """``guesses (right)`` of the canary bound, with the score that made it."""
+    if row.get("canary_guesses") is None:
+        return "-"
+    return f"{row['canary_guesses']} ({row['canary_correct']}, {row['canary_score']})"
+
+
+def canary_note(row: dict, beta: float | None) -> str:
+    """What the canary columns mean for this run (count, confidence, the most it can certify)."""
+    if row.get("canaries") is None:
+        return "No canary audit (--canaries 0)."
+    top = row.get("canary_max_certifiable")
+    return (f"Canary audit (Steinke, Nasr & Jagielski 2023, one run): {row['canaries']} canaries (held-out "
+            f"images, inverted, wrong label), {row['canaries_included']} of them put into the clients' "
+            f"data; guesses from minus the global model's loss and (summaries) minus the distance to the "
+            f"nearest synthetic image; eps lower bound at {100 * (1 - (beta or 0.05)):.0f}% confidence, "
+            f"at most {_num(top)} certifiable with this setting even if every guess were right. "
+            "A bound above 'eps spent' is a DP bug (docs/privacy_audit.md).")
+
+
 def markdown(report: dict) -> str:
     """The comparison table (and the verdict) as Markdown."""
     rows = ["| system | final acc (%) | best acc (%) | rounds | up (MiB) | down (MiB) | wall (s) |",
@@ -34,14 +64,18 @@ def markdown(report: dict) -> str:
                   f"{next(iter(audited.values()))['mia_members']} clients' training examples vs as many "
                   "held-out ones; memorisation: fraction of pooled images nearer to a private than to a "
                   "held-out image, 0.5 = no sign):", "",
-                  "| system | MIA AUC | TPR @ 1% FPR | TPR @ 0.1% FPR | LiRA AUC | closer to private |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| system | MIA AUC | TPR @ 1% FPR | TPR @ 0.1% FPR | LiRA AUC | closer to private "
+                  "| eps spent | eps lower bound | canary guesses (right) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, leak in audited.items():
             lira = leak.get("lira") or {}
             lines.append(f"| {name} | {_num(leak['mia_auc'])} | {_num(leak['mia_tpr_at_1pct_fpr'])} "
                          f"| {_num(leak['mia_tpr_at_0.1pct_fpr'])} | {_num(lira.get('auc'))} "
-                         f"| {_num(leak['memorisation_closer_to_private'])} |")
-        lines.append("")
+                         f"| {_num(leak['memorisation_closer_to_private'])} "
+                         f"| {_num(leak.get('epsilon_spent'))} | {canary_bound_cell(leak)} "
+                         f"| {canary_guesses_cell(leak)} |")
+        beta = report.get("audit", {}).get("canary_beta")
+        lines += ["", canary_note(next(iter(audited.values())), beta), ""]
     lines += [f"- {v}" for v in report.get("verdicts", [])]
     res = report.get("resources")
     if res:

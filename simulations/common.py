@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from logging import INFO
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -13,8 +13,8 @@ from ddcore.data import DataSplits, load_dataset
 from ddcore.errors import ConfigError
 from ddcore.methods.base import check_ipc
 from ddcore.partition import partition_indices
-from ddcore.runconfig import RunConfig, to_flat
-from ddcore.settings import add_settings, settings_from_args
+from ddcore.runconfig import RunConfig, from_flat, to_flat
+from ddcore.settings import add_settings, given, settings_from_args
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -27,6 +27,93 @@ RUN_FLAGS = {
     "iterations": "iterations", "rounds": "rounds", "fedavg-rounds": "fedavg-rounds", "seed": "seed",
     "device": "device", "summary-dtype": "summary-dtype", "summary-resolution": "summary-resolution",
 }
+
+
+@dataclass(frozen=True)
+class AuditBudget:
+    """How large the leakage audits of a driver run are; one row per preset in :data:`AUDIT_BUDGETS`."""
+
+    samples: int = 500  # members and non-members each (membership inference)
+    lira_shadows: int = 8  # LiRA shadow models of the FedAvg rows (privacy_utility; compare asks for them)
+    memorisation_reference: int = 1000  # images of each set behind "closer to private" (near-copies: all)
+    inversion_steps: int = 200  # Adam steps of each gradient-inversion restart
+    inversion_restarts: int = 2
+    canaries: int = 500  # one-run canary audit (privacy.audit.run_canaries)
+
+
+# the audit sizes each preset's drivers default to, beside ddcore.runconfig.RUN_PRESETS; the flags
+# --audit-samples, --lira-shadows, --inversion-steps and --canaries override them. quick keeps a
+# whole `--preset quick` driver run within minutes on 2 cores; the others measure as much as they
+# always did (near-copies search the whole private set in every preset). Canaries: about an
+# eighth of a 4,000-image training set is included at 1,000 on mnist5k (hence 500); the largest
+# epsilon a setting can certify is reported with every bound (docs/privacy_audit.md).
+AUDIT_BUDGETS: dict[str, AuditBudget] = {
+    "quick": AuditBudget(samples=200, lira_shadows=2, memorisation_reference=200, inversion_steps=30,
+                         inversion_restarts=1, canaries=200),
+    "default": AuditBudget(),
+    "privacy": AuditBudget(),
+    "benchmark": AuditBudget(),
+    "fmnist": AuditBudget(canaries=1000),
+    "paper": AuditBudget(canaries=1000),
+}
+AUDIT_FLAGS = {"audit-samples": "samples", "lira-shadows": "lira_shadows",
+               "inversion-steps": "inversion_steps", "canaries": "canaries"}
+
+
+def add_audit_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """The audit-size flags ``names`` (of :data:`AUDIT_FLAGS`), defaulting to the preset's budget."""
+    helps = {"audit-samples": "members and non-members each in the membership audits (0 = no audits)",
+             "lira-shadows": "LiRA shadow models for the FedAvg rows (even; 0 = loss-threshold only)",
+             "inversion-steps": "Adam steps of each gradient-inversion restart (0 = skip inversion)",
+             "canaries": "canaries for the one-run epsilon lower bound, each put into a client's data "
+                         "with probability 1/2 (0 = no canary audit)"}
+    for name in names:
+        parser.add_argument(f"--{name}", type=int, default=None,
+                            help=f"{helps[name]}; default from the preset (simulations.common.AUDIT_BUDGETS)")
+
+
+def audit_budget(args: argparse.Namespace, **overrides: int) -> AuditBudget:
+    """The preset's :class:`AuditBudget` with the audit flags given on the command line applied.
+
+    ``overrides`` replace the preset's value where the flag was not given (a driver's own default).
+    """
+    budget = replace(AUDIT_BUDGETS[args.preset], **overrides)
+    given_flags = {field: getattr(args, name.replace("-", "_")) for name, field in AUDIT_FLAGS.items()
+                   if getattr(args, name.replace("-", "_"), None) is not None}
+    budget = replace(budget, **given_flags)
+    bad = [f"--{name} {getattr(budget, field)}" for name, field in AUDIT_FLAGS.items()
+           if getattr(budget, field) < 0]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: audit sizes must be >= 0")
+    if budget.lira_shadows % 2:
+        raise ConfigError(f"--lira-shadows must be even (each candidate is in half of the shadows), "
+                          f"got {budget.lira_shadows}")
+    return budget
+
+
+def with_canaries(args: argparse.Namespace, cfg: RunConfig, budget: AuditBudget) -> RunConfig:
+    """``cfg`` with the run-config key ``canaries`` set from the budget (``--canaries``)."""
+    if "canaries" in given(args, RUN_FLAGS):
+        raise ConfigError("give the canary count with --canaries, not --set canaries=...")
+    return from_flat({"canaries": budget.canaries}, base=cfg)
+
+
+def warn_if_bound_exceeds(name: str, leakage: dict, eps_spent: float | None) -> bool:
+    """Say loudly on stderr when a canary lower bound exceeds the accountant's epsilon; True then.
+
+    The accountant's epsilon is an upper bound on the privacy loss, the audit's a lower bound
+    at confidence 1 - beta: above it, the DP code or its accounting is wrong (or, with
+    probability at most beta, a false alarm). docs/privacy_audit.md says what to do.
+    """
+    from privacy.audit import bound_exceeds_accounted
+
+    if not bound_exceeds_accounted(leakage.get("eps_lower_bound"), eps_spent):
+        return False
+    print(f"WARNING: {name}: the canary audit's epsilon lower bound {leakage['eps_lower_bound']:.3f} "
+          f"exceeds the accounted epsilon {eps_spent:.3f} - the DP implementation or its accounting is "
+          f"broken (or a false alarm of probability <= beta); this row is not a result "
+          f"(see docs/privacy_audit.md)", file=sys.stderr)
+    return True
 
 
 def add_run_flags(parser: argparse.ArgumentParser, preset: str = "default") -> None:

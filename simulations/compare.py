@@ -11,21 +11,25 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from ddcore.errors import ConfigError
 from ddcore.files import environment
 from ddcore.methods.options import without_options
 from ddcore.profile import measure_tree
+from privacy.audit import CANARY_BETA, CANARY_KIND, run_canaries
 from simulations.common import (
     System,
+    add_audit_flags,
     add_run_flags,
+    audit_budget,
     check_partitions,
     fail,
     recorded_config,
     run_config,
     run_in_simulation,
+    warn_if_bound_exceeds,
+    with_canaries,
 )
 
 
@@ -33,10 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulations.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder for the report")
-    parser.add_argument("--audit-samples", type=int, default=500,
-                        help="members and non-members each in the membership audit (0 = no audit)")
-    parser.add_argument("--lira-shadows", type=int, default=0,
-                        help="LiRA shadow models for the FedAvg row (even; default 0 = loss-threshold only)")
+    add_audit_flags(parser, ("audit-samples", "lira-shadows", "canaries"))
     add_run_flags(parser)
     return parser
 
@@ -67,10 +68,13 @@ def verdicts(methods: dict, ipc: int, test_size: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.audit_samples < 0 or args.lira_shadows < 0 or args.lira_shadows % 2:
-            raise ConfigError("--audit-samples must be >= 0 and --lira-shadows even and >= 0")
+        budget = audit_budget(args, lira_shadows=0)  # LiRA here only when asked for
         cfg = run_config(args)
+        if not budget.samples:
+            budget = replace(budget, canaries=0)  # --audit-samples 0: no audits at all
+        cfg = with_canaries(args, cfg, budget)
         splits = check_partitions(cfg)
+        canaries = run_canaries(cfg, splits)
     except ValueError as exc:
         return fail(exc)
     plain = without_options(replace(cfg.distill, method="random_real", factorised=False))  # hard labels
@@ -81,18 +85,23 @@ def main(argv: list[str] | None = None) -> int:
     with measure_tree() as usage:
         results = run_in_simulation(cfg, splits.test, systems)
     methods = {name: res.to_dict() for name, res in results.items()}
-    if args.audit_samples:  # membership inference and memorisation, the same samples for every system
+    if budget.samples:  # membership inference, memorisation, canaries: the same samples for every system
         from privacy.audit import audit_samples, audit_system
 
-        members, nonmembers = audit_samples(splits, args.audit_samples, seed=cfg.partition.seed)
+        members, nonmembers = audit_samples(splits, budget.samples, seed=cfg.partition.seed)
         for system in systems:
             res = results[system.name]
-            methods[system.name]["leakage"] = audit_system(
-                system.cfg, system.kind, res.final_state, res.pooled, splits, members, nonmembers,
-                lira_shadows=args.lira_shadows)
+            leakage = audit_system(system.cfg, system.kind, res.final_state, res.pooled, splits, members,
+                                   nonmembers, lira_shadows=budget.lira_shadows,
+                                   memorisation_reference=budget.memorisation_reference, canaries=canaries)
+            eps = (methods[system.name]["privacy"] or {}).get("epsilon_spent_max")
+            leakage["epsilon_spent"] = eps
+            leakage["canary_bound_exceeds_epsilon"] = warn_if_bound_exceeds(system.name, leakage, eps)
+            methods[system.name]["leakage"] = leakage
     report = {
         "title": f"feddistill compare: {cfg.distill.method} vs FedAvg vs random real ({cfg.dataset})",
         "config": recorded_config(args.preset, cfg),
+        "audit": {**asdict(budget), "canary_kind": CANARY_KIND, "canary_beta": CANARY_BETA},
         "environment": environment(cfg.distill.device),
         "resources": {"wall_seconds": usage.seconds, "peak_rss_mb": usage.peak_rss_mb,
                       "note": "whole simulation: driver plus Ray processes, RSS summed, sampled every 0.5 s"},

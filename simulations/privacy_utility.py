@@ -6,9 +6,10 @@ For each method (``--methods``, default gm,dm,fedavg) the sweep runs its non-DP 
 its DP version at every target epsilon (per client, over the whole run; ``inf`` = the DP code
 path with clipping but no noise), all on the same partitions in one Flower simulation. Every
 finished system is then audited: membership inference on its global model (loss threshold;
-LiRA with shadow models for the FedAvg rows), memorisation of its pooled summary, and
-gradient inversion of a FedAvg client update with and without DP. Writes report.json,
-report.md and plots into --out.
+LiRA with shadow models for the FedAvg rows), memorisation of its pooled summary, a one-run
+canary audit (an epsilon lower bound beside the accountant's epsilon), and gradient inversion
+of a FedAvg client update with and without DP. The audit sizes follow --preset
+(simulations.common.AUDIT_BUDGETS). Writes report.json, report.md and plots into --out.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,14 +30,22 @@ from ddcore.files import atomic_write, environment
 from ddcore.partition import partition_indices
 from ddcore.profile import measure_tree
 from ddcore.runconfig import RunConfig, from_flat
+from privacy.attacks.canary import Canaries
+from privacy.audit import CANARY_BETA, CANARY_KIND, run_canaries
+from server.report import canary_bound_cell, canary_guesses_cell, canary_note
 from simulations.common import (
+    AuditBudget,
     System,
+    add_audit_flags,
     add_run_flags,
+    audit_budget,
     check_partitions,
     fail,
     recorded_config,
     run_config,
     run_in_simulation,
+    warn_if_bound_exceeds,
+    with_canaries,
 )
 
 METHODS = ("gm", "dm", "fedavg")
@@ -49,12 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="target epsilons per client, comma-separated; inf = DP path without noise")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="gm, dm (DP distillation) and/or fedavg (DP-FedAvg); default all three")
-    parser.add_argument("--audit-samples", type=int, default=500,
-                        help="members and non-members each in the membership audits (default 500)")
-    parser.add_argument("--lira-shadows", type=int, default=8,
-                        help="LiRA shadow models for the FedAvg rows (even; 0 = loss-threshold only)")
-    parser.add_argument("--inversion-steps", type=int, default=200,
-                        help="Adam steps of each gradient-inversion restart (0 = skip inversion)")
+    add_audit_flags(parser, ("audit-samples", "lira-shadows", "inversion-steps", "canaries"))
     add_run_flags(parser, preset="privacy")
     return parser
 
@@ -98,11 +103,13 @@ def plan_systems(cfg: RunConfig, methods: list[str], epsilons: list[float]) -> l
     return out
 
 
-def check_budgets(splits: DataSplits, systems: list[tuple[dict, System]]) -> None:
+def check_budgets(splits: DataSplits, systems: list[tuple[dict, System]],
+                  canaries: Canaries | None = None) -> None:
     """Check every DP system's budget against every client now, so bad budgets fail before any run.
 
     The cheap checks (epsilon > 0, delta in (0, 1) and below 1/n, the clip norm, epsilon above
-    what the accountant can certify at that delta) run here; the clients calibrate sigma.
+    what the accountant can certify at that delta) run here; the clients calibrate sigma. A
+    client's n counts the ``canaries`` it will hold.
     """
     from privacy.accounting import check_budget, epsilon_floor
 
@@ -113,7 +120,8 @@ def check_budgets(splits: DataSplits, systems: list[tuple[dict, System]]) -> Non
         dp = system.cfg.distill.dp
         if sizes is None:
             parts = partition_indices(splits.train.y.numpy(), system.cfg.partition)
-            sizes = [len(part) for part in parts]
+            sizes = [len(part) + (len(canaries.inserted(pid, len(parts))) if canaries is not None else 0)
+                     for pid, part in enumerate(parts)]
         if math.isfinite(dp.target_epsilon) and dp.target_epsilon <= epsilon_floor(dp.delta):
             raise ConfigError(f"{system.name}: epsilon {dp.target_epsilon:g} is below "
                               f"{epsilon_floor(dp.delta):.3g}, the least the RDP accountant can certify at "
@@ -140,21 +148,28 @@ def privacy_columns(privacy: dict | None) -> dict:
 
 
 def audit_row(row: dict, system: System, result, splits: DataSplits, members, nonmembers,
-              lira_shadows: int) -> dict:
-    """Accuracy, bytes, privacy spent and the leakage audits of one finished system."""
+              budget: AuditBudget, canaries: Canaries | None = None) -> dict:
+    """Accuracy, bytes, privacy spent and the leakage audits of one finished system.
+
+    ``canary_bound_exceeds_epsilon`` is True (and stderr says so) when the canary audit's
+    lower bound is above the accountant's epsilon: a DP bug, not a result.
+    """
     from privacy.audit import audit_system
 
     m = result.to_dict()
-    return {**row, "system": system.name, "accuracy": m["final_accuracy"],
-            "best_accuracy": m["best_accuracy"], "bytes_up": m["bytes_up"], "bytes_down": m["bytes_down"],
-            "wall_seconds": m["wall_seconds"], **privacy_columns(m["privacy"]),
-            **audit_system(system.cfg, system.kind, result.final_state, result.pooled, splits, members,
-                           nonmembers, lira_shadows=lira_shadows),
-            "clients_failed": [c for c in m["clients"] if c["status"] in ("failed", "rejected")]}
+    out = {**row, "system": system.name, "accuracy": m["final_accuracy"],
+           "best_accuracy": m["best_accuracy"], "bytes_up": m["bytes_up"], "bytes_down": m["bytes_down"],
+           "wall_seconds": m["wall_seconds"], **privacy_columns(m["privacy"]),
+           **audit_system(system.cfg, system.kind, result.final_state, result.pooled, splits, members,
+                          nonmembers, lira_shadows=budget.lira_shadows,
+                          memorisation_reference=budget.memorisation_reference, canaries=canaries),
+           "clients_failed": [c for c in m["clients"] if c["status"] in ("failed", "rejected")]}
+    out["canary_bound_exceeds_epsilon"] = warn_if_bound_exceeds(system.name, out, out["epsilon_spent"])
+    return out
 
 
 def inversion_section(cfg: RunConfig, splits: DataSplits, epsilons: list[float], out: Path,
-                      steps: int) -> list[dict]:
+                      steps: int, restarts: int = 2) -> list[dict]:
     """Inverting Gradients on client 0's FedAvg update (batch 1 and 8), without DP and at the smallest
     finite epsilon (sigma as client 0's DP-FedAvg plan has it)."""
     from privacy.audit import inversion_audit
@@ -176,7 +191,7 @@ def inversion_section(cfg: RunConfig, splits: DataSplits, epsilons: list[float],
             how = "no DP" if eps is None else f"DP-SGD eps={eps:g} (sigma {sigma:.2f}, C {clip:g})"
             title = f"client 0 update, batch {batch}, {how}"
             r = inversion_audit(cfg, data, batch_size=batch, noise_multiplier=sigma, max_grad_norm=clip,
-                                steps=steps, seed=cfg.partition.seed, png=png, title=title)
+                                steps=steps, restarts=restarts, seed=cfg.partition.seed, png=png, title=title)
             results.append({"case": label, "epsilon_target": eps, **r})
     return results
 
@@ -196,7 +211,7 @@ def _row_cells(r: dict) -> list[str]:
             _fmt(r["steps"]), "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}",
             f"{r['bytes_up'] / 2**20:.2f}", _fmt(r["mia_auc"]), _fmt(r["mia_tpr_at_1pct_fpr"]),
             _fmt(r["mia_tpr_at_0.1pct_fpr"]), _fmt(lira.get("auc")), _fmt(lira.get("tpr_at_1pct_fpr")),
-            _fmt(r["memorisation_closer_to_private"], 2)]
+            _fmt(r["memorisation_closer_to_private"], 2), canary_bound_cell(r), canary_guesses_cell(r)]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -208,7 +223,8 @@ def markdown(report: dict) -> str:
     """The privacy-utility table, the inversion results, and how they were made."""
     audit = report["audit"]
     header = ["method", "eps target", "eps spent", "sigma", "q", "steps", "acc (%)", "up (MiB)", "MIA AUC",
-              "TPR@1%", "TPR@0.1%", "LiRA AUC", "LiRA TPR@1%", "closer to private"]
+              "TPR@1%", "TPR@0.1%", "LiRA AUC", "LiRA TPR@1%", "closer to private", "eps lower bound",
+              "canary guesses (right)"]
     lines = [f"# {report['title']}", "", *_table(header, [_row_cells(r) for r in report["rows"]]), "",
              "eps spent, sigma, q and steps are those of the client whose accountant reports the largest "
              "epsilon (every client's are in report.json). MIA: loss-threshold attack on the final global "
@@ -216,7 +232,7 @@ def markdown(report: dict) -> str:
              f"held-out examples; LiRA (FedAvg rows) with {audit['lira_shadows']} shadow models trained by a "
              "centralised proxy of the FedAvg recipe. 'closer to private': fraction of pooled synthetic "
              "images whose nearest private image is nearer (L2) than their nearest held-out image "
-             "(0.5 = no sign of memorisation)."]
+             "(0.5 = no sign of memorisation).", "", canary_note(report["rows"][0], audit.get("canary_beta"))]
     if report["inversion"]:
         rows = [[r["case"] + ("" if r["epsilon_target"] is None else f" eps={r['epsilon_target']:g}"),
                  str(r["batch_size"]), _fmt(r["noise_multiplier"], 2), f"{r['psnr']:.1f}", f"{r['ssim']:.2f}",
@@ -244,7 +260,8 @@ def plot(report: dict, out: Path) -> None:
                                ("mia_tpr_at_1pct_fpr", "mia_vs_epsilon.png", "MIA TPR at 1% FPR (%)")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for base, color in zip(bases, ("C0", "C1", "C2", "C3"), strict=False):
-            dp_rows = [r for r in report["rows"] if r["method"] == f"dp-{base}" and r[key] is not None]
+            dp_rows = [r for r in report["rows"] if r["method"] == f"dp-{base}" and r[key] is not None
+                       and not r.get("canary_bound_exceeds_epsilon")]  # a DP bug is not a result
             xs = [inf_x if math.isinf(r["epsilon_target"]) else r["epsilon_target"] for r in dp_rows]
             ax.plot(xs, [100 * r[key] for r in dp_rows], "o-", color=color, label=f"dp-{base}")
             plain = [r for r in report["rows"] if r["method"] == base and r[key] is not None]
@@ -268,14 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         epsilons = parse_epsilons(args.epsilons)
         methods = parse_methods(args.methods)
-        bad_shadows = args.lira_shadows < 0 or args.lira_shadows % 2
-        if bad_shadows or args.audit_samples < 1 or args.inversion_steps < 0:
-            raise ConfigError("--lira-shadows must be even and >= 0, --audit-samples >= 1, "
-                              "--inversion-steps >= 0")
-        cfg = run_config(args)
+        budget = audit_budget(args)
+        if budget.samples < 1:
+            raise ConfigError(f"--audit-samples must be >= 1 here (every row is audited), "
+                              f"got {budget.samples}")
+        cfg = with_canaries(args, run_config(args), budget)
         splits = check_partitions(cfg)
+        canaries = run_canaries(cfg, splits)
         planned = plan_systems(cfg, methods, epsilons)
-        check_budgets(splits, planned)
+        check_budgets(splits, planned, canaries)
     except ValueError as exc:
         return fail(exc)
     from privacy.audit import audit_samples
@@ -283,21 +301,24 @@ def main(argv: list[str] | None = None) -> int:
     with measure_tree() as usage:
         results = run_in_simulation(cfg, splits.test, [s for _, s in planned])
     start = time.perf_counter()
-    members, nonmembers = audit_samples(splits, args.audit_samples, seed=cfg.partition.seed)
+    members, nonmembers = audit_samples(splits, budget.samples, seed=cfg.partition.seed)
     from tqdm import tqdm
 
-    rows = [audit_row(row, s, results[s.name], splits, members, nonmembers, args.lira_shadows)
+    rows = [audit_row(row, s, results[s.name], splits, members, nonmembers, budget, canaries)
             for row, s in tqdm(planned, desc="audits", unit="system", file=sys.stderr, dynamic_ncols=True)]
     args.out.mkdir(parents=True, exist_ok=True)
     inversion = []
-    if args.inversion_steps:
-        inversion = inversion_section(cfg, splits, epsilons, args.out, args.inversion_steps)
+    if budget.inversion_steps:
+        inversion = inversion_section(cfg, splits, epsilons, args.out, budget.inversion_steps,
+                                      budget.inversion_restarts)
     report = {
         "title": f"feddistill privacy vs utility ({cfg.dataset}, {cfg.partition.num_partitions} clients, "
                  f"{cfg.partition.scheme} {cfg.partition.alpha:g})",
         "config": recorded_config(args.preset, cfg), "environment": environment(cfg.distill.device),
         "epsilons": epsilons, "methods": methods,
-        "audit": {"members": len(members), "nonmembers": len(nonmembers), "lira_shadows": args.lira_shadows,
+        "audit": {"members": len(members), "nonmembers": len(nonmembers), **asdict(budget),
+                  "canary_kind": CANARY_KIND, "canary_beta": CANARY_BETA,
+                  "canary_violations": [r["system"] for r in rows if r["canary_bound_exceeds_epsilon"]],
                   "seconds": time.perf_counter() - start},
         "resources": {"wall_seconds": usage.seconds, "peak_rss_mb": usage.peak_rss_mb},
         "rows": rows, "inversion": inversion,

@@ -8,7 +8,8 @@ import torch
 from ddcore.data import DataSplits
 from ddcore.summary import Summary
 from privacy.attacks.memorisation import closest_pairs, memorisation, near_copy_threshold, save_closest_pairs
-from privacy.attacks.nearest import nearest_l2
+from privacy.attacks.metrics import ssim
+from privacy.attacks.nearest import nearest_l2, nearest_ssim
 from privacy.audit import memorisation_audit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,6 +20,17 @@ def spread(digits) -> torch.Tensor:
     """Indices spread over the whole private set, its last image included."""
     n = len(digits.train)
     return torch.tensor([0, n // 3, n // 2, n - 2, n - 1])
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 12, 10)])
+def test_the_batched_ssim_search_equals_ssim_pair_by_pair(shape) -> None:
+    g = torch.Generator().manual_seed(0)
+    queries, refs = torch.rand((11, *shape), generator=g), torch.rand((40, *shape), generator=g)
+    refs[7] = queries[3]  # a copy scores 1
+    s, i = nearest_ssim(queries, refs, query_block=4, block_elements=3000)  # several blocks each way
+    pairwise = torch.stack([ssim(q[None], refs) for q in queries])  # (11, 40), the reference formula
+    assert torch.equal(i, pairwise.argmax(1)) and torch.allclose(s, pairwise.max(1).values, atol=1e-5)
+    assert i[3] == 7 and s[3] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_the_chunked_search_equals_a_full_distance_matrix() -> None:

@@ -21,7 +21,8 @@ TINY = ["--preset", "quick", "--dataset", "digits", "--clients", "3", "--ipc", "
 def test_sweep_reports_a_row_per_method_and_epsilon_with_its_audits(tmp_path) -> None:
     out = tmp_path / "pu"
     code = main([*TINY, "--methods", "dm,fedavg", "--epsilons", "4,inf", "--fedavg-rounds", "2",
-                 "--audit-samples", "60", "--lira-shadows", "2", "--inversion-steps", "5", "--out", str(out)])
+                 "--audit-samples", "60", "--lira-shadows", "2", "--inversion-steps", "5", "--canaries", "60",
+                 "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     rows = {r["system"]: r for r in report["rows"]}
@@ -44,6 +45,12 @@ def test_sweep_reports_a_row_per_method_and_epsilon_with_its_audits(tmp_path) ->
     assert 0 <= rows["dp-dm@eps=4"]["memorisation_closer_to_private"] <= 1
     assert rows["fedavg"]["memorisation_closer_to_private"] is None
     assert rows["fedavg"]["lira"]["num_shadow_models"] == 2 and rows["dm"]["lira"] is None
+    for name, r in rows.items():  # canary audit: 60 canaries certify less than 4, so no DP row can exceed it
+        assert r["canaries"] == 60 and 0 <= r["eps_lower_bound"] <= r["canary_max_certifiable"] < 4, name
+        assert 0 <= r["canary_correct"] <= r["canary_guesses"] <= 60, name
+        assert set(r["canary_audits"]) == ({"loss"} if "fedavg" in name else {"loss", "distance"}), name
+        assert r["canary_bound_exceeds_epsilon"] is False, (name, r["eps_lower_bound"], r["epsilon_spent"])
+    assert report["audit"]["canaries"] == 60 and report["audit"]["canary_violations"] == []
     cases = {(r["case"], r["batch_size"]) for r in report["inversion"]}
     assert cases == {("no DP", 1), ("no DP", 8), ("DP", 1), ("DP", 8)}
     for name in ("accuracy_vs_epsilon.png", "mia_vs_epsilon.png", "inversion_dp_eps4_b8.png", "report.md"):
@@ -56,6 +63,9 @@ def test_sweep_reports_a_row_per_method_and_epsilon_with_its_audits(tmp_path) ->
     (["--methods", "dm,psg"], "unknown --methods"),
     (["--set", "delta=0.5"], "delta"),
     (["--lira-shadows", "3"], "even"),
+    (["--canaries", "-1"], "--canaries -1: audit sizes must be >= 0"),
+    (["--set", "canaries=5"], "with --canaries, not --set"),
+    (["--canaries", "5000"], "5000 inverted canaries need 5000 source images"),
 ])
 def test_bad_input_fails_before_running_and_writes_nothing(tmp_path, capsys, flags, message) -> None:
     out = tmp_path / "never"

@@ -59,7 +59,8 @@ def test_compare_reports_leakage_columns_for_every_system(tmp_path) -> None:
 
     out = tmp_path / "cmp"
     code = compare_main(["--preset", "quick", "--dataset", "digits", "--clients", "3", "--ipc", "2",
-                         "--fedavg-rounds", "1", "--audit-samples", "50", "--out", str(out)])
+                         "--fedavg-rounds", "1", "--audit-samples", "50", "--canaries", "30",
+                         "--out", str(out)])
     assert code == 0
     methods = json.loads((out / "report.json").read_text())["methods"]
     for name in ("distill", "random_real", "fedavg"):
@@ -68,7 +69,14 @@ def test_compare_reports_leakage_columns_for_every_system(tmp_path) -> None:
     # random real samples are private images: at least the sampled sources are found exactly
     assert methods["random_real"]["leakage"]["memorisation_closer_to_private"] > 0
     assert methods["fedavg"]["leakage"]["memorisation"] is None
-    assert "Leakage" in (out / "report.md").read_text()
+    for name in ("distill", "random_real", "fedavg"):  # the canary audit beside the (absent) accountant
+        leak = methods[name]["leakage"]
+        assert leak["canaries"] == 30 and 0 <= leak["eps_lower_bound"] <= leak["canary_max_certifiable"], name
+        assert leak["epsilon_spent"] is None and leak["canary_bound_exceeds_epsilon"] is False, name
+    assert set(methods["random_real"]["leakage"]["canary_audits"]) == {"loss", "distance"}
+    assert set(methods["fedavg"]["leakage"]["canary_audits"]) == {"loss"}
+    text = (out / "report.md").read_text()
+    assert "Leakage" in text and "eps lower bound" in text and "30 canaries" in text
 
 
 @pytest.mark.slow

@@ -45,9 +45,16 @@ class Canaries:
         """Indices (into ``data``) of the inserted canaries."""
         return self.included.nonzero().flatten()
 
-    def inserted(self) -> Dataset:
-        """The canaries that go into the training data."""
-        return self.data.subset(self.included_index)
+    def inserted(self, client: int = 0, num_clients: int = 1) -> Dataset:
+        """The included canaries that go into client ``client``'s data (of ``num_clients``).
+
+        Canary i belongs to client ``i mod num_clients``, so each canary is in at most one
+        client's data and the clients' shares differ by at most one; one client gets them all.
+        """
+        if not 0 <= client < num_clients:
+            raise AuditError(f"client {client} is outside 0..{num_clients - 1}")
+        owner = torch.arange(len(self)) % num_clients == client
+        return self.data.subset((self.included & owner).nonzero().flatten())
 
 
 def make_canaries(source: Dataset, m: int, *, kind: str = "mislabeled", seed: int) -> Canaries:
@@ -89,13 +96,13 @@ def _normalise(pixels: torch.Tensor, like: Dataset) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def insert_canaries(data: Dataset, canaries: Canaries) -> Dataset:
-    """``data`` with the included canaries appended (same classes and normalisation)."""
+def insert_canaries(data: Dataset, canaries: Canaries, client: int = 0, num_clients: int = 1) -> Dataset:
+    """``data`` with the included canaries of ``client`` appended (same classes and normalisation)."""
     if data.image_shape != canaries.data.image_shape or data.num_classes != canaries.data.num_classes:
         raise AuditError(f"canaries of shape {canaries.data.image_shape} and {canaries.data.num_classes} "
                          f"classes cannot go into data of shape {data.image_shape} and {data.num_classes} "
                          f"classes; make them from a split of the same dataset")
-    extra = canaries.inserted()
+    extra = canaries.inserted(client, num_clients)
     return Dataset(torch.cat([data.x, extra.x]), torch.cat([data.y, extra.y]), data.num_classes,
                    data.mean, data.std, data.name)
 

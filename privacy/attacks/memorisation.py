@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from ddcore.data import Dataset
-from privacy.attacks.metrics import ssim
-from privacy.attacks.nearest import Transform, nearest_l2
+from privacy.attacks.nearest import Transform, nearest_l2, nearest_ssim
 from privacy.errors import PrivacyError
 
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -59,14 +58,11 @@ def pixels_of(data: Dataset) -> Transform:
     return lambda x: data.denormalise(x).clamp(0, 1)
 
 
-def nearest(queries: torch.Tensor, refs: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(queries: torch.Tensor, refs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query, the smallest L2 distance and the smallest (1 - SSIM) to any reference image."""
     l2, _ = nearest_l2(queries, refs)
-    best = []
-    for image in queries:
-        s = torch.cat([ssim(image[None], refs[i:i + chunk]) for i in range(0, len(refs), chunk)])
-        best.append(1 - s.max())
-    return l2, torch.stack(best)
+    similarity, _ = nearest_ssim(queries, refs)
+    return l2, 1 - similarity
 
 
 def near_copy_threshold(private: Dataset, *, quantile: float = NEAR_COPY_QUANTILE, queries: int = 1000,
