@@ -46,7 +46,11 @@ def _norm_layer(norm: str, channels: int) -> nn.Module:
 
 
 class ConvNet(nn.Module):
-    """The ConvNet of the dataset-distillation literature: depth x [conv3x3, norm, ReLU, avgpool2]."""
+    """The ConvNet of the dataset-distillation literature: depth x [conv3x3, norm, ReLU, avgpool2].
+
+    A block pools only while the feature map stays at least 2x2, so small images (8x8) keep
+    spatial features in their last blocks instead of being averaged down to one pixel.
+    """
 
     def __init__(self, spec: ModelSpec, image_shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__()
@@ -59,7 +63,7 @@ class ConvNet(nn.Module):
                 nn.ReLU(inplace=True),
             ]
             channels = spec.width
-            if height >= 2 and width >= 2:
+            if height >= 4 and width >= 4:  # pool while the result stays >= 2x2 (small images)
                 layers.append(nn.AvgPool2d(2))
                 height, width = height // 2, width // 2
         self.features = nn.Sequential(*layers)

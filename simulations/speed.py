@@ -16,7 +16,7 @@ Three measurements, each printed as it finishes and written to speed.json / spee
    project / reference is the figure of issue 15.
 3. **Accuracy at equal iterations** (``--accuracy-seeds``): per seed, the reference loop and the
    project start from the same random real images, run the same number of iterations, and both
-   results are trained and tested by the project's trainer (ConvNet-128), so only the
+   results are trained and tested by the project's default trainer and ConvNet, so only the
    distillation differs.
 
 Without ``--reference`` the reference rows are skipped (say where to get it:
@@ -90,12 +90,19 @@ def load_reference(path: Path) -> ModuleType:
     return module
 
 
+def embed(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The reference ConvNet's ``embed`` with ``reshape`` for its ``view``: on torch 2.13 a
+    one-channel input can come back from the convolutions in channels-last strides, where
+    ``view`` raises. Same values, same cost."""
+    return net.features(x).reshape(x.shape[0], -1)
+
+
 def reference_dm(ref: ModuleType, data: Dataset, start: torch.Tensor, ipc: int, iterations: int,
                  batch_real: int, seed: int) -> tuple[torch.Tensor, float]:
     """``main_DM.py``'s update step (ConvNet branch) ``iterations`` times from ``start``.
 
-    The loop is the reference's, line for line, with its own network, augmentation and
-    optimiser settings; only the data come from the project (same tensors, same
+    The loop is the reference's, line for line (but :func:`embed`), with its own network,
+    augmentation and optimiser settings; only the data come from the project (same tensors, same
     normalisation). Returns the images and the seconds per iteration.
     """
     torch.manual_seed(seed)
@@ -118,8 +125,8 @@ def reference_dm(ref: ModuleType, data: Dataset, start: torch.Tensor, ipc: int, 
             aug_seed = int(time.time() * 1000) % 100000
             img_real = ref.DiffAugment(img_real, PAPER_STRATEGY, seed=aug_seed, param=dsa_param)
             img_syn = ref.DiffAugment(img_syn, PAPER_STRATEGY, seed=aug_seed, param=dsa_param)
-            output_real = net.embed(img_real).detach()
-            output_syn = net.embed(img_syn)
+            output_real = embed(net, img_real).detach()
+            output_syn = embed(net, img_syn)
             loss += torch.sum((torch.mean(output_real, dim=0) - torch.mean(output_syn, dim=0)) ** 2)
         optimizer_img.zero_grad()
         loss.backward()
@@ -196,8 +203,9 @@ def time_iterations(data: Dataset, ref: ModuleType | None,
 
 def accuracy_check(splits, ref: ModuleType | None, args: argparse.Namespace) -> dict[str, list[float]]:
     """Test accuracy after ``--accuracy-iterations`` from shared starts, per seed and variant."""
-    train_cfg = run_preset("default").train
-    factory = model_factory(PAPER_MODEL, splits.train.image_shape, splits.train.num_classes)
+    default = run_preset("default")  # the project's evaluation: its ConvNet and trainer
+    train_cfg = default.train
+    factory = model_factory(default.distill.model, splits.train.image_shape, splits.train.num_classes)
     results: dict[str, list[float]] = {}
 
     def score(name: str, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
@@ -236,8 +244,8 @@ def markdown(report: dict) -> str:
         lines.append(f"\n{name}: **{ratio:.2f}x**")
     if report["accuracy"]:
         lines += ["", f"## Test accuracy after {report['accuracy_iterations']} iterations from the same "
-                  "start (project trainer, ConvNet-128)", "", "| variant | mean | std | per seed |",
-                  "|---|---|---|---|"]
+                  "start (the project's default trainer and ConvNet)", "",
+                  "| variant | mean | std | per seed |", "|---|---|---|---|"]
         for name, accs in report["accuracy"].items():
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             lines.append(f"| {name} | {statistics.mean(accs):.4f} | {std:.4f} | "
