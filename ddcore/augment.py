@@ -151,21 +151,36 @@ def parse_strategy(strategy: str) -> list[str]:
     return tokens
 
 
-def sample_params(strategy: str, n: int, generator: torch.Generator) -> Params:
+ONE = "one"  # marker of a draw that applies a single op (DSA's 'S' mode)
+MODES = ("all", ONE)
+
+
+def sample_params(strategy: str, n: int, generator: torch.Generator, mode: str = "all",
+                  shape: tuple[int, ...] | None = None) -> Params:
     """Draw the parameters of every op in ``strategy`` for ``n`` images (1 = siamese/shared).
 
-    For ``auto`` the draws of every op it may stand for are made, behind an ``auto`` marker;
-    :func:`apply` keeps the ops :func:`resolve` picks for the images it is given.
+    ``auto`` is resolved for images of ``shape`` (..., C, H, W) first (:func:`resolve`), so it
+    draws exactly what the strategy it stands for draws. ``mode="one"`` (DSA's default 'S' mode
+    in the reference code) applies one of the ops, picked at random by a draw stored with the
+    parameters, so siamese batches share the pick too.
     """
+    if mode not in MODES:
+        raise ValueError(f"unknown augmentation mode {mode!r}; known: {', '.join(MODES)}")
+    if strategy == AUTO:
+        if shape is None:
+            raise ValueError("the 'auto' augmentation strategy needs the images' shape to resolve")
+        strategy = resolve(strategy, shape)
     params = [(t, AUGMENTATIONS.get(t).sample(n, generator)) for t in parse_strategy(strategy)]
-    return [(AUTO, {}), *params] if strategy == AUTO else params
+    if mode == ONE and params:
+        params = [(ONE, {"pick": torch.rand((), generator=generator)}), *params]
+    return params
 
 
 def apply(x: torch.Tensor, params: Params) -> torch.Tensor:
     """Apply sampled augmentation ``params`` to ``x`` (n, C, H, W), differentiably."""
-    if params and params[0][0] == AUTO:
-        keep = set(parse_strategy(resolve(AUTO, tuple(x.shape))))
-        params = [(token, p) for token, p in params[1:] if token in keep]
+    if params and params[0][0] == ONE:
+        pick, params = float(params[0][1]["pick"]), params[1:]
+        params = [params[min(int(pick * len(params)), len(params) - 1)]]
     for token, p in params:
         x = AUGMENTATIONS.get(token).apply(x, p)
     return x
@@ -175,4 +190,4 @@ def augment(x: torch.Tensor, strategy: str, generator: torch.Generator) -> torch
     """Augment each image of ``x`` independently (the training-time use)."""
     if not strategy or strategy == "none":
         return x
-    return apply(x, sample_params(strategy, x.shape[0], generator))
+    return apply(x, sample_params(strategy, x.shape[0], generator, shape=tuple(x.shape)))

@@ -26,18 +26,20 @@ class EmbeddingBank:
     so ``|phi(x)| <= 1`` however many networks and views there are: an image that enters the
     bank ``1 + augment`` times still contributes one vector of norm at most 1.
 
-    The bank is a function of ``(model_factory, size, seed, augment, strategy)`` alone, so
+    ``shape`` (C, H, W) resolves ``strategy="auto"``. The bank is a function of
+    ``(model_factory, size, seed, augment, strategy, shape)`` alone, so
     whoever knows these public values (a server) rebuilds the same feature map.
     """
 
     def __init__(self, model_factory: ModelFactory, *, size: int, seed: int, augment: int = 0,
-                 strategy: str = "none") -> None:
+                 strategy: str = "none", shape: tuple[int, int, int] | None = None) -> None:
         if size < 1 or augment < 0:
             raise ValueError(f"a bank needs size >= 1 and augment >= 0, got {size}, {augment}")
         self.nets = [model_factory(torch.Generator().manual_seed(seed + k)).requires_grad_(False)
                      for k in range(size)]
         generator = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
-        self.views: list[Params] = [[]] + [sample_params(strategy, 1, generator) for _ in range(augment)]
+        self.views: list[Params] = [[]] + [sample_params(strategy, 1, generator, shape=shape)
+                                             for _ in range(augment)]
 
     @property
     def device(self) -> torch.device:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ddcore.augment import DEFAULT_STRATEGY, parse_strategy
+from ddcore.augment import DEFAULT_STRATEGY, MODES, parse_strategy
 from ddcore.errors import ConfigError
 from ddcore.models import ModelSpec
 
@@ -70,6 +70,7 @@ class DistillConfig:
     batch_real: int = 128  # real images per class per iteration
     init: str = "real"  # start from random real images or from Gaussian noise
     dsa_strategy: str = DEFAULT_STRATEGY  # siamese augmentation while matching
+    dsa_mode: str = "all"  # DM: apply all of the strategy's ops per draw, or one picked at random (DSA's 'S')
     model: ModelSpec = field(default_factory=ModelSpec)
     # gradient matching (DC/DSA)
     outer_loop: int = 10  # image updates per network initialisation
@@ -138,6 +139,8 @@ class DistillConfig:
         if self.init not in INITS:
             raise ConfigError(f"unknown init {self.init!r}; known: {', '.join(INITS)}")
         parse_strategy(self.dsa_strategy)
+        if self.dsa_mode not in MODES:
+            raise ConfigError(f"unknown dsa-mode {self.dsa_mode!r}; known: {', '.join(MODES)}")
 
     def _check_unrolled(self) -> None:
         """Validate the DD / MTT / IADD fields."""

@@ -143,6 +143,7 @@ def paper_config(ipc: int, iterations: int, seed: int, **changes) -> DistillConf
 VARIANTS = {  # the project's DM as it was before issue 15, and with today's defaults
     "project fp32, one pass": {"real_precision": "fp32", "embed_chunk": 1 << 30},
     "project defaults": {},
+    "project defaults, dsa-mode one": {"dsa_mode": "one"},  # one DSA op per draw, as the reference
 }
 
 

@@ -43,11 +43,23 @@ def test_auto_strategy_follows_size_and_channels() -> None:
     assert "flip" not in resolve(AUTO, (1, 28, 28)) and "rotate" in resolve(AUTO, (1, 28, 28))
     assert "flip" in resolve(AUTO, (3, 32, 32))
     assert resolve("crop", (1, 8, 8)) == "crop"  # an explicit strategy is kept
-    g = torch.Generator().manual_seed(0)
-    small = torch.randn(5, 1, 8, 8)
-    assert torch.equal(apply(small, sample_params(AUTO, 1, g)), small)
-    large = torch.randn(5, 1, 28, 28)
-    assert not torch.equal(apply(large, sample_params(AUTO, 1, g)), large)
+    small, large = torch.randn(5, 1, 8, 8), torch.randn(5, 1, 28, 28)
+    assert torch.equal(apply(small, sample_params(AUTO, 1, torch.Generator(), shape=small.shape)), small)
+    # auto draws exactly what the strategy it resolves to draws
+    auto = sample_params(AUTO, 1, torch.Generator().manual_seed(0), shape=large.shape)
+    grey = sample_params(resolve(AUTO, large.shape), 1, torch.Generator().manual_seed(0))
+    assert torch.equal(apply(large, auto), apply(large, grey)) and not torch.equal(apply(large, auto), large)
+    with pytest.raises(ValueError, match="shape"):
+        sample_params(AUTO, 1, torch.Generator())
+
+
+def test_one_op_mode_applies_a_single_shared_op() -> None:
+    x = torch.randn(4, 1, 28, 28)
+    params = sample_params("crop_cutout", 1, torch.Generator().manual_seed(3), mode="one")
+    assert params[0][0] == "one" and len(params) == 3
+    out = apply(x, params)
+    only = [p for p in params[1:] if p[0] == ("crop" if float(params[0][1]["pick"]) < 0.5 else "cutout")]
+    assert torch.equal(out, apply(x, only))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -23,13 +23,15 @@ def embed_pair(
     generator: torch.Generator,
     chunk: int = 64,
     real_dtype: torch.dtype | None = None,
+    mode: str = "all",
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Embed per-class real and synthetic batches under one shared (siamese) augmentation each.
 
     Returns the real embeddings (no graph; ``chunk`` images per pass, autocast to ``real_dtype``
-    when given) and the synthetic ones (differentiable), per class.
+    when given) and the synthetic ones (differentiable), per class. ``mode`` is the augmentation
+    mode (:func:`ddcore.augment.sample_params`).
     """
-    params = [sample_params(strategy, 1, generator) for _ in real]
+    params = [sample_params(strategy, 1, generator, mode, tuple(r.shape)) for r in real]
     with torch.no_grad():
         augmented = torch.cat([apply(r, p) for r, p in zip(real, params, strict=True)])
     real_emb = embed_frozen(net, augmented, chunk, real_dtype)
@@ -69,7 +71,8 @@ def distill(
         images = options.images()
         syn = [images[labels == c] for c in classes]
         with options.autocast():
-            loss = dm_loss(*embed_pair(net, real, syn, cfg.dsa_strategy, generator, cfg.embed_chunk, dtype))
+            loss = dm_loss(*embed_pair(net, real, syn, cfg.dsa_strategy, generator, cfg.embed_chunk, dtype,
+                                       cfg.dsa_mode))
         options.step(loss, opt)
         if progress is not None:
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach())})

@@ -48,7 +48,7 @@ def gm_loss(
     """Sum over classes of the distance between real and synthetic gradients (same augmentation)."""
     loss = torch.zeros((), device=syn[0].device)
     for r, s, c in zip(real, syn, classes, strict=True):
-        params = sample_params(strategy, 1, generator)
+        params = sample_params(strategy, 1, generator, shape=tuple(r.shape))
         g_real = [g.detach() for g in class_gradient(net, apply(r, params), c, create_graph=False)]
         g_syn = class_gradient(net, apply(s, params), c, create_graph=True)
         loss = loss + gradient_distance(g_syn, g_real)

@@ -27,10 +27,11 @@ logger = logging.getLogger(__name__)
 LR_IMAGES = 0.3  # Adam step on the images (pixels in [-1, 1]); measured, see the README
 
 
-def bank_of(model_factory: ModelFactory, cfg: DistillConfig) -> EmbeddingBank:
-    """The DP-checked bank of ``cfg`` (size, seed, views): public values, rebuilt identically anywhere."""
+def bank_of(model_factory: ModelFactory, cfg: DistillConfig, shape: tuple[int, int, int]) -> EmbeddingBank:
+    """The DP-checked bank of ``cfg`` (size, seed, views) for images of ``shape``: public values,
+    rebuilt identically anywhere."""
     bank = EmbeddingBank(model_factory, size=cfg.bank_size, seed=cfg.bank_seed, augment=cfg.bank_augment,
-                         strategy=cfg.dsa_strategy)
+                         strategy=cfg.dsa_strategy, shape=shape)
     for net in bank.nets:  # no layer may mix records (BatchNorm): each record's feature is its own
         check_model(net)
     return bank
@@ -69,7 +70,7 @@ def distill(
                         num_examples=len(data))
     if math.isinf(plan.target_epsilon):
         logger.warning("target epsilon is inf: releasing the class statistics without noise - NO privacy")
-    bank = bank_of(model_factory, cfg)
+    bank = bank_of(model_factory, cfg, data.image_shape)
     images, labels = private_start(public, cfg, init, generator)  # refuses real starts before any release
     accountant = SingleReleaseAccountant()
     stats = release_class_statistics(bank, public, max_norm=plan.max_grad_norm,
