@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from logging import INFO
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from ddcore.data import DataSplits, load_dataset
@@ -140,6 +143,18 @@ def check_partitions(cfg: RunConfig) -> DataSplits:
             raise ConfigError(f"client {pid} received no examples; use fewer clients or a larger alpha")
         check_ipc(replace(splits.train.subset(part), name=f"client {pid}"), cfg.distill.ipc)
     return splits
+
+
+def write_report(out: Path, report: dict, markdown: Callable[[dict], str],
+                 plot: Callable[[dict, Path], None]) -> None:
+    """report.json and report.md (atomically), the driver's plots, and the table on stdout."""
+    from ddcore.files import atomic_write
+
+    atomic_write(out / "report.json", json.dumps(report, indent=2, default=str).encode())
+    atomic_write(out / "report.md", markdown(report).encode())
+    plot(report, out)
+    print(markdown(report))
+    print(f"report: {out / 'report.json'}")
 
 
 def fail(exc: BaseException) -> int:

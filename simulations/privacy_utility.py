@@ -15,7 +15,6 @@ of a FedAvg client update with and without DP. The audit sizes follow --preset
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 
 from ddcore.data import DataSplits
 from ddcore.errors import ConfigError
-from ddcore.files import atomic_write, environment
+from ddcore.files import environment
 from ddcore.partition import partition_indices
 from ddcore.profile import measure_tree
 from ddcore.runconfig import RunConfig, from_flat
@@ -46,6 +45,7 @@ from simulations.common import (
     run_in_simulation,
     warn_if_bound_exceeds,
     with_canaries,
+    write_report,
 )
 
 METHODS = ("gm", "dm", "fedavg")
@@ -323,11 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "resources": {"wall_seconds": usage.seconds, "peak_rss_mb": usage.peak_rss_mb},
         "rows": rows, "inversion": inversion,
     }
-    atomic_write(args.out / "report.json", json.dumps(report, indent=2, default=str).encode())
-    atomic_write(args.out / "report.md", markdown(report).encode())
-    plot(report, args.out)
-    print(markdown(report))
-    print(f"report: {args.out / 'report.json'}")
+    write_report(args.out, report, markdown, plot)
     return 0
 
 

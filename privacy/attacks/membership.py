@@ -77,6 +77,63 @@ def loss_threshold_attack(model: nn.Module, members: Dataset, nonmembers: Datase
     return _result("loss-threshold", scores, len(members), len(nonmembers))
 
 
+@dataclass(frozen=True)
+class Shadows:
+    """LiRA's shadow statistics over a candidate pool: each candidate's logit confidence under
+    every shadow model (``confidence``, shadows x candidates) and whether the shadow trained on
+    it (``inside``, same shape; every candidate is in exactly half of the shadows)."""
+
+    confidence: torch.Tensor
+    inside: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.confidence)
+
+
+def train_shadows(pool: Dataset, train_shadow: ShadowTrainer, *, num_shadow: int,
+                  generator: torch.Generator, progress: Callable[[int], None] | None = None) -> Shadows:
+    """``num_shadow`` shadow models (``train_shadow``, the target's recipe) on random halves of ``pool``.
+
+    Each candidate is IN for exactly half of the shadows. ``progress(k)`` is called after shadow k.
+    """
+    if num_shadow < 2 or num_shadow % 2:
+        raise PrivacyError(f"LiRA needs an even number >= 2 of shadow models, got {num_shadow}")
+    n = len(pool)
+    half = num_shadow // 2
+    inside = torch.stack([torch.randperm(num_shadow, generator=generator) < half for _ in range(n)], 1)
+    conf = []
+    for k in range(num_shadow):
+        shadow = train_shadow(pool.subset(torch.nonzero(inside[k]).flatten()), generator)
+        conf.append(logit_confidence(shadow, pool))
+        if progress is not None:
+            progress(k)
+    return Shadows(torch.stack(conf), inside)
+
+
+def lira_scores(target_confidence: torch.Tensor, shadows: Shadows) -> torch.Tensor:
+    """Online LiRA's per-candidate score: the log likelihood ratio of the target's confidence
+    under the Gaussian fitted to the IN shadows against the one fitted to the OUT shadows.
+
+    Means are per candidate; variances are pooled over candidates (the paper's choice for few
+    shadows). Higher = more likely a member.
+    """
+    conf, mask = shadows.confidence, shadows.inside.double()
+    mu_in = (conf * mask).sum(0) / mask.sum(0)
+    mu_out = (conf * (1 - mask)).sum(0) / (1 - mask).sum(0)
+    var_in = (((conf - mu_in) ** 2) * mask).sum() / mask.sum()
+    var_out = (((conf - mu_out) ** 2) * (1 - mask)).sum() / (1 - mask).sum()
+    t = target_confidence.double()
+    return (-((t - mu_in) ** 2) / (2 * var_in + 1e-12) - 0.5 * torch.log(var_in + 1e-12)
+            + ((t - mu_out) ** 2) / (2 * var_out + 1e-12) + 0.5 * torch.log(var_out + 1e-12))
+
+
+def lira_result(scores: torch.Tensor, is_member: torch.Tensor, shadows: int) -> AttackResult:
+    """ROC summary of LiRA ``scores`` over candidates whose membership ``is_member`` gives."""
+    member = is_member.bool()
+    ordered = torch.cat([scores[member], scores[~member]]).numpy()
+    return _result("lira", ordered, int(member.sum()), int((~member).sum()), shadows)
+
+
 def lira_attack(model: nn.Module, members: Dataset, nonmembers: Dataset, train_shadow: ShadowTrainer, *,
                 num_shadow: int = 8, seed: int = 0) -> AttackResult:
     """Online LiRA (Carlini et al. 2022) with ``num_shadow`` shadow models.
@@ -84,26 +141,15 @@ def lira_attack(model: nn.Module, members: Dataset, nonmembers: Dataset, train_s
     Each shadow model trains (with ``train_shadow``, the target's recipe) on a random half
     of the candidates (members and non-members pooled, each in half of the shadows); per
     candidate, Gaussians are fitted to its logit confidence under the shadows that saw it and
-    those that did not, and the score is the likelihood ratio of the target's confidence. The
-    variances are pooled over candidates (the paper's choice for few shadows).
+    those that did not, and the score is the likelihood ratio of the target's confidence
+    (:func:`train_shadows`, :func:`lira_scores`).
     """
     _check(members, nonmembers)
     if num_shadow < 2 or num_shadow % 2:
         raise PrivacyError(f"LiRA needs an even number >= 2 of shadow models, got {num_shadow}")
     pool = Dataset(torch.cat([members.x, nonmembers.x]), torch.cat([members.y, nonmembers.y]),
                    members.num_classes, members.mean, members.std, members.name)
-    n = len(pool)
-    g = torch.Generator().manual_seed(seed)
-    # each candidate is IN for exactly half of the shadows
-    inside = torch.stack([torch.randperm(num_shadow, generator=g) < num_shadow // 2 for _ in range(n)], 1)
-    conf = torch.stack([logit_confidence(train_shadow(pool.subset(torch.nonzero(inside[k]).flatten()), g),
-                                         pool) for k in range(num_shadow)])  # (shadows, n)
-    mask = inside.double()
-    mu_in = (conf * mask).sum(0) / mask.sum(0)
-    mu_out = (conf * (1 - mask)).sum(0) / (1 - mask).sum(0)
-    var_in = (((conf - mu_in) ** 2) * mask).sum() / mask.sum()
-    var_out = (((conf - mu_out) ** 2) * (1 - mask)).sum() / (1 - mask).sum()
-    target = logit_confidence(model, pool)
-    score = (-((target - mu_in) ** 2) / (2 * var_in + 1e-12) - 0.5 * torch.log(var_in + 1e-12)
-             + ((target - mu_out) ** 2) / (2 * var_out + 1e-12) + 0.5 * torch.log(var_out + 1e-12))
+    shadows = train_shadows(pool, train_shadow, num_shadow=num_shadow,
+                            generator=torch.Generator().manual_seed(seed))
+    score = lira_scores(logit_confidence(model, pool), shadows)
     return _result("lira", score.numpy(), len(members), len(nonmembers), num_shadow)
