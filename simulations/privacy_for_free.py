@@ -76,7 +76,7 @@ class Budget:
     """The audit's size: candidate records, shadow models per system, canaries, clients."""
 
     pool: int = 1000
-    shadows: int = 16
+    shadows: int = 8
     canaries: int = 100
     clients: int = 2
 
