@@ -99,6 +99,8 @@ def test_parse_systems_expands_dp_systems_per_epsilon() -> None:
     rows = parse_systems("dm,dp-fedavg", [1.0, 8.0])
     assert [r[0] for r in rows] == ["dm", "dp-fedavg@eps=1", "dp-fedavg@eps=8"]
     assert rows[1][2] == {"dp": True, "target-epsilon": 1.0} and rows[0][1] == "distill"
+    assert [r[0] for r in parse_systems("fedavg,dp-dm@8,dp-fedavg@eps=2", [1.0])] == [
+        "fedavg", "dp-dm@eps=8", "dp-fedavg@eps=2"]
 
 
 @pytest.mark.slow
@@ -132,7 +134,8 @@ def test_driver_audits_every_system(tmp_path) -> None:
     [
         (["--shadows", "3"], "--shadows must be even"),
         (["--systems", "dm,bogus"], "unknown --systems"),
-        (["--epsilons", "1,inf"], "--epsilons must be finite"),
+        (["--systems", "dm@4"], "only DP systems"),
+        (["--epsilons", "1,inf"], "epsilons must be finite"),
         (["--ipc", "40"], "--ipc"),
         (["--pool", "5"], "too small"),
     ],
