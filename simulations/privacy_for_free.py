@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder for the report")
     parser.add_argument(
-        "--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)} (default all)"
+        "--systems", default=DEFAULT_SYSTEMS,
+        help=f"comma-separated, of {', '.join(SYSTEMS)}; a DP system runs at every --epsilons, or at one "
+        f"with NAME@EPS (e.g. dp-dm@8); default {DEFAULT_SYSTEMS}",
     )
     parser.add_argument("--epsilons", default="1,8", help="target epsilons of the DP systems (per client)")
     for name, what in (
