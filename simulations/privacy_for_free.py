@@ -25,9 +25,8 @@ data each, summaries started from real images, a global model trained long on a 
 The run settings default to the ``privacy`` preset of the privacy-utility sweep (60 image
 updates, 16 real images per class per update, 10 FedAvg rounds; the server trains the global
 model for 400 steps on the pooled summaries). Every system loads the data with public
-normalisation constants (no private statistic leaves
-a client). Writes report.json, report.md, attack_vs_accuracy.png and the closest pairs of each
-summary into --out.
+normalisation constants (no private statistic leaves a client). Writes report.json, report.md,
+attack_vs_accuracy.png and the closest pairs of each summary into --out.
 """
 
 from __future__ import annotations
