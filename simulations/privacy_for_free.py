@@ -242,11 +242,24 @@ def check_dp(cfg: RunConfig, name: str, sizes: list[int]) -> None:
             raise ConfigError(f"{name}, client {i} ({n} examples): {exc}") from None
 
 
+def distance_scores_of(data: Dataset, synthetic: torch.Tensor) -> torch.Tensor:
+    """The L2 distance (normalised pixels) from every record of ``data`` to its nearest synthetic image."""
+    from privacy.attacks.nearest import nearest_l2
+
+    return nearest_l2(data.x, synthetic.detach().float())[0]
+
+
 def audit(name: str, kind: str, cfg: RunConfig, setting: Setting, budget: Budget, out: Path, tick) -> dict:
     """Run ``name`` as the target, train its shadows, and audit it; one report row."""
     from ddcore.train import evaluate
     from privacy.attacks.canary import canary_audit
-    from privacy.attacks.membership import lira_result, lira_scores, logit_confidence, train_shadows
+    from privacy.attacks.membership import (
+        lira_result,
+        lira_scores,
+        logit_confidence,
+        scored_attack,
+        train_shadows,
+    )
     from privacy.attacks.memorisation import memorisation, save_closest_pairs
     from privacy.audit import canary_columns
     from privacy.recipes import recipe, shadow_trainer
@@ -306,8 +319,14 @@ def audit(name: str, kind: str, cfg: RunConfig, setting: Setting, budget: Budget
             threshold=mem.near_copy_threshold,
             title=f"{name}: synthetic (top) and nearest member (bottom)",
         )
+        # the released summary as a membership oracle: a candidate near a synthetic image is "in"
+        nearest = -distance_scores_of(setting.pool, target.pooled.images)
+        summary_attack = scored_attack("summary-distance", nearest, setting.included)
+        summary_bound = canary_audit(nearest, setting.included, delta=delta, beta=BETA, seed=seed)
         row.update(
             {
+                "summary_attack": summary_attack.to_dict(),
+                "eps_lb_members_summary": summary_bound.eps_lower_bound,
                 "near_copy_fraction": mem.near_copy_fraction,
                 "near_copy_fraction_heldout": mem.near_copy_fraction_heldout,
                 "closer_to_member": mem.closer_to_private_l2,
@@ -316,7 +335,8 @@ def audit(name: str, kind: str, cfg: RunConfig, setting: Setting, budget: Budget
                 "memorisation": mem.to_dict(),
             }
         )
-    bounds = [b for b in (row.get("eps_lb_canaries"), row["eps_lb_members"]) if b is not None]
+    bounds = [row.get(k) for k in ("eps_lb_canaries", "eps_lb_members", "eps_lb_members_summary")]
+    bounds = [b for b in bounds if b is not None]
     spent = target.eps_spent
     row["bound_exceeds_epsilon"] = bool(spent is not None and math.isfinite(spent) and max(bounds) > spent)
     if row["bound_exceeds_epsilon"]:
@@ -345,6 +365,7 @@ def markdown(report: dict) -> str:
         "LiRA AUC",
         "LiRA TPR@1%",
         "LiRA TPR@0.1%",
+        "summary MIA TPR@0.1%",
         "eps lb canaries",
         "eps lb members",
         "near-copies",
@@ -363,6 +384,7 @@ def markdown(report: dict) -> str:
                 _f(lira["auc"]),
                 _f(lira["tpr_at_1pct_fpr"]),
                 _f(lira["tpr_at_0_1pct_fpr"]),
+                _f((r.get("summary_attack") or {}).get("tpr_at_0_1pct_fpr")),
                 _f(r.get("eps_lb_canaries"), "{:.2f}")
                 + (" **DP BUG**" if r["bound_exceeds_epsilon"] else ""),
                 _f(r["eps_lb_members"], "{:.2f}"),
@@ -390,7 +412,9 @@ def markdown(report: dict) -> str:
             f"half of the pool; TPR at 0.1% FPR is the TPR at zero false positives when there are fewer than "
             f"1,000 non-members. eps lb: Steinke et al.'s one-run lower bound at {100 * (1 - BETA):.0f}% "
             f"confidence and delta {report['rows'][0]['delta']:g}, from the canaries (best of loss and "
-            f"nearest-synthetic distance) and from the pool's records (LiRA scores). near-copies: synthetic "
+            f"nearest-synthetic distance) and from the pool's records (LiRA scores). summary MIA: a "
+            f"record is guessed a member when it lies near a synthetic image (minus the L2 distance "
+            f"to the nearest one as score; summaries only). near-copies: synthetic "
             f"images within the near-copy threshold of a member (privacy.attacks.memorisation); closer to "
             f"member: nearer (L2) to a member than to a non-member (0.5 = no sign). min: minutes of the row "
             f"(target and shadows).",

@@ -122,6 +122,9 @@ def test_driver_audits_every_system(tmp_path) -> None:
         assert r["eps_lb_members"] >= 0 and 0 <= r["eps_lb_canaries"] <= r["canary_max_certifiable"], name
     # random real images are copies of members; summaries started from noise are not
     assert rows["random_real"]["near_copy_fraction"] == 1.0
+    # ... so the summary itself tells members apart: its images are members at distance 0
+    assert rows["random_real"]["summary_attack"]["tpr_at_0_1pct_fpr"] > 0.2
+    assert rows["dm-noise"]["summary_attack"]["tpr_at_0_1pct_fpr"] < 0.1
     assert rows["dm-noise"]["near_copy_fraction"] < 0.5
     assert 3.9 <= rows["dp-dm@eps=4"]["epsilon_spent"] <= 4.0 + 1e-9
     assert rows["fedavg"].get("near_copy_fraction") is None and rows["fedavg"]["epsilon_spent"] is None

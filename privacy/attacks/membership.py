@@ -127,11 +127,17 @@ def lira_scores(target_confidence: torch.Tensor, shadows: Shadows) -> torch.Tens
             + ((t - mu_out) ** 2) / (2 * var_out + 1e-12) + 0.5 * torch.log(var_out + 1e-12))
 
 
+def scored_attack(attack: str, scores: torch.Tensor, is_member: torch.Tensor,
+                  shadows: int = 0) -> AttackResult:
+    """ROC summary of any per-candidate ``scores`` (higher = member) given the truth ``is_member``."""
+    member = is_member.bool()
+    ordered = torch.cat([scores[member], scores[~member]]).double().numpy()
+    return _result(attack, ordered, int(member.sum()), int((~member).sum()), shadows)
+
+
 def lira_result(scores: torch.Tensor, is_member: torch.Tensor, shadows: int) -> AttackResult:
     """ROC summary of LiRA ``scores`` over candidates whose membership ``is_member`` gives."""
-    member = is_member.bool()
-    ordered = torch.cat([scores[member], scores[~member]]).numpy()
-    return _result("lira", ordered, int(member.sum()), int((~member).sum()), shadows)
+    return scored_attack("lira", scores, is_member, shadows)
 
 
 def lira_attack(model: nn.Module, members: Dataset, nonmembers: Dataset, train_shadow: ShadowTrainer, *,
