@@ -15,7 +15,6 @@ Clients get an IID random split (:func:`split_clients`); every client takes part
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -138,7 +137,3 @@ def shadow_trainer(
 
     return train
 
-
-def finite_or_none(eps: float | None) -> float | None:
-    """JSON has no inf: an accountant's infinite epsilon (no noise) is reported as None."""
-    return eps if eps is not None and math.isfinite(eps) else None

@@ -145,6 +145,26 @@ def check_partitions(cfg: RunConfig) -> DataSplits:
     return splits
 
 
+def check_dp_clients(name: str, cfg: RunConfig, sizes: list[int]) -> None:
+    """Refuse ``cfg``'s DP budget before anything runs when the accountant cannot certify it or
+    some client of ``sizes`` examples cannot meet it (delta below 1/n, ...); names the system."""
+    import math
+
+    from privacy.accounting import check_budget, epsilon_floor
+
+    dp = cfg.distill.dp
+    if math.isfinite(dp.target_epsilon) and dp.target_epsilon <= epsilon_floor(dp.delta):
+        raise ConfigError(f"{name}: epsilon {dp.target_epsilon:g} is below {epsilon_floor(dp.delta):.3g}, "
+                          f"the least the RDP accountant can certify at delta {dp.delta:g}; raise the "
+                          "epsilon or delta")
+    for i, n in enumerate(sizes):
+        try:
+            check_budget(target_epsilon=dp.target_epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm,
+                         num_examples=n)
+        except ValueError as exc:
+            raise ConfigError(f"{name}, client {i} ({n} examples): {exc}") from None
+
+
 def write_report(out: Path, report: dict, markdown: Callable[[dict], str],
                  plot: Callable[[dict, Path], None]) -> None:
     """report.json and report.md (atomically), the driver's plots, and the table on stdout."""

@@ -46,7 +46,7 @@ from ddcore.files import environment
 from ddcore.methods.base import check_ipc
 from ddcore.runconfig import RunConfig, from_flat
 from ddcore.settings import add_settings, settings_from_args
-from simulations.common import fail, recorded_config, write_report
+from simulations.common import check_dp_clients, fail, recorded_config, warn_if_bound_exceeds, write_report
 
 # name -> (kind, run-config keys on top of the preset); DP systems get "@eps=E" per --epsilons
 SYSTEMS: dict[str, tuple[str, dict]] = {
@@ -225,30 +225,6 @@ def target_clients(setting: Setting, clients: int, generator: torch.Generator) -
     return [insert_canaries(part, setting.canaries, i, clients) for i, part in enumerate(parts)]
 
 
-def check_dp(cfg: RunConfig, name: str, sizes: list[int]) -> None:
-    """Refuse a DP budget that some client of ``sizes`` examples cannot meet, before anything runs."""
-    from privacy.accounting import check_budget
-
-    dp = cfg.distill.dp
-    for i, n in enumerate(sizes):
-        try:
-            check_budget(
-                target_epsilon=dp.target_epsilon,
-                delta=dp.delta,
-                max_grad_norm=dp.max_grad_norm,
-                num_examples=n,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"{name}, client {i} ({n} examples): {exc}") from None
-
-
-def distance_scores_of(data: Dataset, synthetic: torch.Tensor) -> torch.Tensor:
-    """The L2 distance (normalised pixels) from every record of ``data`` to its nearest synthetic image."""
-    from privacy.attacks.nearest import nearest_l2
-
-    return nearest_l2(data.x, synthetic.detach().float())[0]
-
-
 def audit(name: str, kind: str, cfg: RunConfig, setting: Setting, budget: Budget, out: Path, tick) -> dict:
     """Run ``name`` as the target, train its shadows, and audit it; one report row."""
     from ddcore.train import evaluate
@@ -261,6 +237,7 @@ def audit(name: str, kind: str, cfg: RunConfig, setting: Setting, budget: Budget
         train_shadows,
     )
     from privacy.attacks.memorisation import memorisation, save_closest_pairs
+    from privacy.attacks.nearest import nearest_l2
     from privacy.audit import canary_columns
     from privacy.recipes import recipe, shadow_trainer
 
@@ -320,7 +297,7 @@ def audit(name: str, kind: str, cfg: RunConfig, setting: Setting, budget: Budget
             title=f"{name}: synthetic (top) and nearest member (bottom)",
         )
         # the released summary as a membership oracle: a candidate near a synthetic image is "in"
-        nearest = -distance_scores_of(setting.pool, target.pooled.images)
+        nearest = -nearest_l2(setting.pool.x, target.pooled.images.detach().float())[0]
         summary_attack = scored_attack("summary-distance", nearest, setting.included)
         summary_bound = canary_audit(nearest, setting.included, delta=delta, beta=BETA, seed=seed)
         row.update(
@@ -338,14 +315,7 @@ def audit(name: str, kind: str, cfg: RunConfig, setting: Setting, budget: Budget
     bounds = [row.get(k) for k in ("eps_lb_canaries", "eps_lb_members", "eps_lb_members_summary")]
     bounds = [b for b in bounds if b is not None]
     spent = target.eps_spent
-    row["bound_exceeds_epsilon"] = bool(spent is not None and math.isfinite(spent) and max(bounds) > spent)
-    if row["bound_exceeds_epsilon"]:
-        print(
-            f"WARNING: {name}: an epsilon lower bound ({max(bounds):.3f}) exceeds the accounted epsilon "
-            f"{spent:.3f} - the DP code or its accounting is broken (or a false alarm of probability <= "
-            f"{BETA}); see docs/privacy_audit.md",
-            file=sys.stderr,
-        )
+    row["bound_exceeds_epsilon"] = warn_if_bound_exceeds(name, {"eps_lower_bound": max(bounds)}, spent)
     if spent is not None and not math.isfinite(spent):
         row["epsilon_spent"] = None  # JSON has no inf; a noiseless DP path spends no finite epsilon
     row["seconds"] = time.perf_counter() - start
@@ -479,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                 for i, part in enumerate(parts):
                     check_ipc(replace(part, name=f"{name}'s client {i}"), cfg.distill.ipc)
             if cfg.distill.dp.enabled:
-                check_dp(cfg, name, [*sizes, budget.pool // 2 // budget.clients])  # a shadow's clients too
+                shadow_client = budget.pool // 2 // budget.clients  # a shadow's clients hold this many
+                check_dp_clients(name, cfg, [*sizes, shadow_client])
     except ValueError as exc:
         return fail(exc)
     from tqdm import tqdm

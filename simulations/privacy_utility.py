@@ -38,6 +38,7 @@ from simulations.common import (
     add_audit_flags,
     add_run_flags,
     audit_budget,
+    check_dp_clients,
     check_partitions,
     fail,
     recorded_config,
@@ -111,27 +112,15 @@ def check_budgets(splits: DataSplits, systems: list[tuple[dict, System]],
     what the accountant can certify at that delta) run here; the clients calibrate sigma. A
     client's n counts the ``canaries`` it will hold.
     """
-    from privacy.accounting import check_budget, epsilon_floor
-
     sizes = None
     for row, system in systems:
         if not row["dp"]:
             continue
-        dp = system.cfg.distill.dp
         if sizes is None:
             parts = partition_indices(splits.train.y.numpy(), system.cfg.partition)
             sizes = [len(part) + (len(canaries.inserted(pid, len(parts))) if canaries is not None else 0)
                      for pid, part in enumerate(parts)]
-        if math.isfinite(dp.target_epsilon) and dp.target_epsilon <= epsilon_floor(dp.delta):
-            raise ConfigError(f"{system.name}: epsilon {dp.target_epsilon:g} is below "
-                              f"{epsilon_floor(dp.delta):.3g}, the least the RDP accountant can certify at "
-                              f"delta {dp.delta:g}; raise the epsilon or delta")
-        for pid, n in enumerate(sizes):
-            try:
-                check_budget(target_epsilon=dp.target_epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm,
-                             num_examples=n)
-            except ValueError as exc:
-                raise ConfigError(f"{system.name}, client {pid} ({n} examples): {exc}") from None
+        check_dp_clients(system.name, system.cfg, sizes)
 
 
 def privacy_columns(privacy: dict | None) -> dict:

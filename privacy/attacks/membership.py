@@ -151,8 +151,6 @@ def lira_attack(model: nn.Module, members: Dataset, nonmembers: Dataset, train_s
     (:func:`train_shadows`, :func:`lira_scores`).
     """
     _check(members, nonmembers)
-    if num_shadow < 2 or num_shadow % 2:
-        raise PrivacyError(f"LiRA needs an even number >= 2 of shadow models, got {num_shadow}")
     pool = Dataset(torch.cat([members.x, nonmembers.x]), torch.cat([members.y, nonmembers.y]),
                    members.num_classes, members.mean, members.std, members.name)
     shadows = train_shadows(pool, train_shadow, num_shadow=num_shadow,
