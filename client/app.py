@@ -7,7 +7,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import protocol
-from client.task import client_id, client_seed, distill_local, dp_fedavg_local, fedavg_local, local_data
+from client.task import (
+    client_id,
+    client_seed,
+    distill_local,
+    dp_fedavg_local,
+    fedavg_local,
+    local_data,
+    release_statistics,
+)
 from ddcore.data import Dataset
 from ddcore.profile import Measurement
 from ddcore.runconfig import RunConfig, from_flat
@@ -61,6 +69,8 @@ def distill_summary(message: Message, context: Context) -> Message:
             prev = context.state[_PREVIOUS]
             previous = Summary.from_arrays(protocol.content_arrays(prev), {})
     seed = client_seed(cfg, cid, server_round)
+    if cfg.summary_kind == "statistics":
+        return _statistics_reply(message, data, cfg, num_classes, seed, cid)
     summary, m = distill_local(data, cfg, num_classes, seed, global_state, previous)
     summary = summary.with_meta(**{"client-id": cid, "server-round": server_round})
     if cfg.rounds > 1:
@@ -81,6 +91,27 @@ def distill_summary(message: Message, context: Context) -> Message:
     return Message(content=content, reply_to=message)
 
 
+def _statistics_reply(message: Message, data: Dataset, cfg: RunConfig, num_classes: int, seed: int,
+                      cid: int) -> Message:
+    """The reply of ``summary-kind = "statistics"``: per-class sums and counts, released once.
+
+    Under DP the exact number of records is not sent (add/remove adjacency makes it private;
+    the release's noisy counts stand in for it).
+    """
+    arrays, meta, m = release_statistics(data, cfg, num_classes, seed)
+    metrics = {"client-id": cid, "distill-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb, "images": 0}
+    if meta["dp"]:
+        from privacy.record import PRIVACY_KEYS
+
+        metrics.update({k: meta[k] for k in PRIVACY_KEYS})
+    else:
+        metrics["num-examples"] = len(data)
+    content = RecordDict({protocol.SUMMARY: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          protocol.META: ConfigRecord({**meta, "client-id": cid}),
+                          protocol.METRICS: MetricRecord(metrics)})
+    return Message(content=content, reply_to=message)
+
+
 def dp_fedavg_round(data: Dataset, cfg: RunConfig, num_classes: int, state: dict[str, torch.Tensor],
                     seed: int, context: Context) -> tuple[dict[str, torch.Tensor], float, Measurement, dict]:
     """One DP-FedAvg round whose accountant lives in ``context.state`` across the whole run.
@@ -91,7 +122,7 @@ def dp_fedavg_round(data: Dataset, cfg: RunConfig, num_classes: int, state: dict
     from privacy.accounting import Accountant  # Opacus loads only for DP runs
     from privacy.record import privacy_record
 
-    accountant = Accountant()
+    accountant = Accountant(cfg.distill.dp.accountant)
     key = repr((cfg.partition, cfg.distill.dp, cfg.fedavg_rounds, cfg.local_epochs, cfg.local_batch_size,
                 sorted(context.node_config.items())))
     if _ACCOUNTANT in context.state and context.state[_ACCOUNTANT].get("key") == key:

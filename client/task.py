@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ddcore.data import Dataset, load_dataset
@@ -107,6 +108,29 @@ def distill_local(
     with measure(cfg.distill.device) as m:
         summary = distill(data, factory, replace(cfg.distill, seed=seed), init=previous)
     return summary, m
+
+
+def release_statistics(
+    data: Dataset,
+    cfg: RunConfig,
+    num_classes: int,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], dict, Measurement]:
+    """This client's one statistics release (``summary-kind = "statistics"``), as arrays and meta.
+
+    The bank is the run's (``bank-size``, ``bank-seed``, ``bank-augment`` and the distillation
+    model), so the server rebuilds it; under DP (``dp = true``) the noise is calibrated for the
+    run's per-client budget (:func:`privacy.statistics.release`).
+    """
+    from privacy.methods.dp_dm import bank_of
+    from privacy.statistics import release, to_arrays
+
+    data = Dataset(data.x, data.y, num_classes, data.mean, data.std, data.name)
+    factory = model_factory(cfg.distill.model, data.image_shape, num_classes, cfg.distill.device)
+    with measure(cfg.distill.device) as m:
+        bank = bank_of(factory, cfg.distill, data.image_shape)
+        stats, meta = release(data, bank, cfg.distill, torch.Generator().manual_seed(seed))
+    return to_arrays(stats), meta, m
 
 
 def fedavg_local(

@@ -37,6 +37,9 @@ class TrainConfig:
         parse_strategy(self.dsa_strategy)
 
 
+ACCOUNTANTS = ("rdp", "prv")
+
+
 @dataclass(frozen=True)
 class DPConfig:
     """Differential-privacy settings (plain values; the mechanisms live in ``privacy``).
@@ -49,6 +52,10 @@ class DPConfig:
     target_epsilon: float = math.inf  # epsilon spent over the whole run, per client
     delta: float = 1e-5  # must be < 1/n for a client of n examples
     max_grad_norm: float = 1.0  # per-sample clipping norm C (gradients, or embeddings for DP-DM)
+    # how repeated subsampled releases (DP-SGD, DP-GM) are accounted and sigma calibrated: Opacus's
+    # "rdp" (Renyi DP) or "prv" (privacy random variables: numerically tight, less noise for the same
+    # epsilon). One-release mechanisms (dp-dm, statistics) are always accounted exactly.
+    accountant: str = "rdp"
 
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0:
@@ -57,6 +64,8 @@ class DPConfig:
             raise ConfigError(f"delta must be in (0, 1), e.g. 1e-5; got {self.delta}")
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise ConfigError(f"max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"unknown accountant {self.accountant!r}; known: {', '.join(ACCOUNTANTS)}")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from ddcore.partition import PartitionSpec
 from ddcore.summary import STORED_DTYPES
 
 Scalar = str | int | float | bool
+SUMMARY_KINDS = ("images", "statistics")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class RunConfig:
     local_batch_size: int = 32  # FedAvg local mini-batch
     fraction: float = 1.0  # fraction of clients sampled per round
     min_clients: int = 2  # a round with fewer usable replies fails
+    # what a distillation client sends: "images" (its own distilled summary, pooled by the server) or
+    # "statistics" (per-class sums and counts of bank features, released once, added up by the server,
+    # which distills the global summary itself; privacy.statistics)
+    summary_kind: str = "images"
     summary_dtype: str = "float32"  # float32 | float16 | uint8 on the wire
     summary_resolution: int = 0  # side in pixels on the wire (0 = full)
     max_images: int = 2000  # per-client summary size cap (the server rejects larger)
@@ -61,6 +66,13 @@ class RunConfig:
         if self.distill.dp.enabled and self.rounds > 1:
             raise ConfigError("DP distillation is one-shot: with dp=true use rounds=1 "
                               "(iterative rounds would need one accountant across rounds)")
+        if self.summary_kind not in SUMMARY_KINDS:
+            raise ConfigError(f"unknown summary-kind {self.summary_kind!r}; "
+                              f"known: {', '.join(SUMMARY_KINDS)}")
+        if self.summary_kind == "statistics" and (self.rounds > 1 or self.summary_dtype != "float32"
+                                                  or self.summary_resolution):
+            raise ConfigError("summary-kind 'statistics' is one release of float32 sums: use rounds=1, "
+                              "summary-dtype='float32' and summary-resolution=0 with it")
         if self.canaries < 0:
             raise ConfigError(f"canaries must be >= 0 (0 = no canary audit), got {self.canaries}")
         if self.summary_resolution < 0:

@@ -72,7 +72,8 @@ def fedavg_shadow_trainer(cfg: RunConfig) -> ShadowTrainer:
         from privacy.dpsgd import fedavg_dpsgd_plan, local_dpsgd
 
         plan = fedavg_dpsgd_plan(cfg, len(data))
-        local_dpsgd(model, data, cfg, plan, Accountant(), steps=plan.steps, generator=generator)
+        local_dpsgd(model, data, cfg, plan, Accountant(plan.accountant), steps=plan.steps,
+                    generator=generator)
         return model
 
     return train

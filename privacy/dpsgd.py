@@ -17,7 +17,8 @@ from privacy.mechanisms import add_noise, clipped_sum, grad_sample_module, per_s
 
 
 def dpsgd_plan(*, num_examples: int, batch_size: int, epochs_per_round: int, rounds: int,
-               target_epsilon: float, delta: float, max_grad_norm: float) -> DPPlan:
+               target_epsilon: float, delta: float, max_grad_norm: float,
+               accountant: str = "rdp") -> DPPlan:
     """Calibrate sigma so that ``rounds`` rounds of local DP-SGD spend ``target_epsilon`` in total.
 
     Each round runs ``epochs_per_round * ceil(n / batch_size)`` steps at sample rate
@@ -28,7 +29,7 @@ def dpsgd_plan(*, num_examples: int, batch_size: int, epochs_per_round: int, rou
     rate = min(1.0, batch_size / num_examples)
     steps = rounds * epochs_per_round * math.ceil(num_examples / batch_size)
     return DPPlan.calibrate(target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
-                            sample_rate=rate, steps=steps, num_examples=num_examples)
+                            sample_rate=rate, steps=steps, num_examples=num_examples, accountant=accountant)
 
 
 def fedavg_dpsgd_plan(cfg: RunConfig, num_examples: int) -> DPPlan:
@@ -41,7 +42,8 @@ def fedavg_dpsgd_plan(cfg: RunConfig, num_examples: int) -> DPPlan:
     dp = cfg.distill.dp
     return dpsgd_plan(num_examples=num_examples, batch_size=cfg.local_batch_size,
                       epochs_per_round=cfg.local_epochs, rounds=max(cfg.fedavg_rounds, 1),
-                      target_epsilon=dp.target_epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm)
+                      target_epsilon=dp.target_epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm,
+                      accountant=dp.accountant)
 
 
 def steps_per_round(cfg: RunConfig, num_examples: int) -> int:
@@ -69,6 +71,10 @@ def dpsgd_train(model: nn.Module, data: Dataset, plan: DPPlan, accountant: Accou
     do not touch the privacy analysis: the decay is data-independent, and each augmented
     image still belongs to one example, whose whole gradient is clipped.
     """
+    if accountant.name != plan.accountant:
+        raise PrivacyError(f"sigma was calibrated with the {plan.accountant} accountant but the spend "
+                           f"would be recorded by the {accountant.name} one; use "
+                           f"Accountant({plan.accountant!r})")
     if accountant.steps + steps > plan.steps:
         raise PrivacyError(f"privacy budget exhausted: {accountant.steps} of {plan.steps} planned DP-SGD "
                            f"steps are spent and {steps} more were asked; raise target-epsilon or plan "

@@ -100,7 +100,7 @@ def fedavg_recipe(cfg: RunConfig) -> Recipe:
         if dp:
             from privacy.accounting import Accountant
 
-            accountants = [Accountant() for _ in clients]
+            accountants = [Accountant(cfg.distill.dp.accountant) for _ in clients]
         for _ in range(cfg.fedavg_rounds):
             states = []
             for i, part in enumerate(clients):

@@ -16,9 +16,10 @@ if TYPE_CHECKING:
 # epsilon is what the accountant says was spent so far (the whole run), not the target
 PRIVACY_KEYS = ("epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate", "steps",
                 "max-grad-norm")
-# the accountant of repeated (subsampled) releases - DP-GM, DP-SGD - is Opacus's RDP accountant;
-# DP-DM's one release is accounted exactly ("analytic-gaussian", privacy.single_release). A DP
-# summary names its accountant in meta["accountant"].
+# the default accountant of repeated (subsampled) releases - DP-GM, DP-SGD - is Opacus's RDP
+# accountant ("prv" on request, DPConfig.accountant); one-release mechanisms (DP-DM, statistics)
+# are accounted exactly ("analytic-gaussian", privacy.single_release). A DP summary names its
+# accountant in meta["accountant"].
 ACCOUNTANT = "rdp"
 
 

@@ -16,7 +16,7 @@ from ddcore.models import build_model
 from ddcore.runconfig import RunConfig, to_flat
 from ddcore.summary import Summary
 from server.ledger import Ledger
-from server.strategy import CountingFedAvg, DistillStrategy, evaluate_fn
+from server.strategy import CountingFedAvg, DistillStrategy, StatisticsStrategy, evaluate_fn
 from server.validation import SummaryLimits
 
 
@@ -69,10 +69,16 @@ def round_config(cfg: RunConfig, data: DataSpec) -> ConfigRecord:
 
 
 def run_distillation(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "distill") -> SystemResult:
-    """Federated distillation with ``cfg.distill.method`` for ``cfg.rounds`` rounds."""
+    """Federated distillation for ``cfg.rounds`` rounds.
+
+    ``summary-kind = "images"``: clients distill with ``cfg.distill.method`` and the server pools
+    their summaries; ``"statistics"``: clients release per-class statistics once and the server
+    adds them and distills the global summary (:class:`StatisticsStrategy`).
+    """
     ledger = Ledger()
     limits = SummaryLimits.for_data(test.image_shape, test.num_classes, cfg.max_images, test.pixel_bounds())
-    strategy = DistillStrategy(cfg, limits, ledger)
+    strategy = (StatisticsStrategy(cfg, limits, ledger, DataSpec.of(test)) if cfg.summary_kind == "statistics"
+                else DistillStrategy(cfg, limits, ledger))
     start = time.perf_counter()
     result = strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
                             train_config=round_config(cfg, DataSpec.of(test)),

@@ -16,8 +16,9 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from client import protocol
 from ddcore.data import Dataset
+from ddcore.devicedata import DataSpec
 from ddcore.errors import SummaryError
-from ddcore.models import build_model
+from ddcore.models import build_model, model_factory
 from ddcore.runconfig import RunConfig
 from ddcore.summary import Summary, concat
 from ddcore.train import evaluate, train_model
@@ -124,7 +125,7 @@ class DistillStrategy(Strategy):
                 entry.status, entry.reason = "rejected", str(exc)
                 log(WARNING, "rejected summary of node %d: %s", entry.node_id, exc)
                 continue
-            entry.images, entry.status = len(summary), "accepted"
+            entry.images, entry.status = self.images_sent(summary), "accepted"
             fresh[entry.node_id] = summary
         accepted = len(fresh)
         self.ledger.mark_silent(server_round)
@@ -138,11 +139,19 @@ class DistillStrategy(Strategy):
             log(WARNING, note)
             return None, None
         self.pool.update(fresh)
+        start = time.perf_counter()
         pooled = self.pooled()
+        pool_seconds = time.perf_counter() - start
         model = self.train_global(pooled, seed=self.cfg.partition.seed * 1009 + server_round)
         log(INFO, "aggregate_train: %d summaries accepted, %d pooled images", accepted, len(pooled))
-        metrics = MetricRecord({"pooled-images": len(pooled), "accepted": accepted})
+        metrics = MetricRecord({"pooled-images": len(pooled), "accepted": accepted,
+                                "pool-seconds": pool_seconds})
         return ArrayRecord(model.state_dict()), metrics
+
+    @staticmethod
+    def images_sent(summary: Summary) -> int:
+        """Images a client's accepted reply carried (the ledger's ``images``)."""
+        return len(summary)
 
     def _check(self, content: RecordDict) -> Summary:
         for key in (protocol.SUMMARY, protocol.META, protocol.METRICS):
@@ -173,6 +182,76 @@ class DistillStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+class StatisticsStrategy(DistillStrategy):
+    """Clients release per-class statistics once; the server adds them and distills the global summary.
+
+    ``summary-kind = "statistics"`` (:mod:`privacy.statistics`). Every reply is checked against
+    the run's bank and label space; the accepted releases are summed (in float64, so the order
+    replies arrive in does not move the result), and the server optimises ``ipc`` images per
+    class against the summed class means in the public normalisation, then maps them into the
+    run's (``spec``) and trains the global model on them like any pooled summary. One-shot.
+    """
+
+    def __init__(self, cfg: RunConfig, limits: SummaryLimits, ledger: Ledger, spec: DataSpec) -> None:
+        super().__init__(cfg, limits, ledger)
+        from privacy.methods.dp_dm import bank_of  # privacy (Opacus) loads only for statistics runs
+        from privacy.statistics import feature_dim
+
+        self.spec = spec
+        factory = model_factory(cfg.distill.model, spec.image_shape, spec.num_classes, cfg.distill.device)
+        self.bank = bank_of(factory, cfg.distill, spec.image_shape)
+        self.dim = feature_dim(self.bank, spec.image_shape)
+        self._global: tuple[tuple[int, ...], Summary] | None = None
+
+    def summary(self) -> None:
+        log(INFO, "\t├── per-class statistics under a bank of %d networks (D = %d), summed by the server",
+            self.cfg.distill.bank_size, self.dim)
+        log(INFO, "\t└── the server distills %d images per class", self.cfg.distill.ipc)
+
+    @staticmethod
+    def images_sent(summary: object) -> int:
+        return 0
+
+    def _check(self, content: RecordDict):  # type: ignore[override]
+        from privacy.statistics import read_statistics
+
+        for key in (protocol.SUMMARY, protocol.META, protocol.METRICS):
+            if key not in content:
+                raise SummaryError(f"reply lacks the {key!r} record")
+        arrays = protocol.content_arrays(content[protocol.SUMMARY])
+        return read_statistics(arrays, dict(content[protocol.META]), self.cfg.distill,
+                               num_classes=self.spec.num_classes, dim=self.dim)
+
+    def pooled(self) -> Summary:
+        """The global summary distilled from the sum of every accepted release (computed once per pool)."""
+        from ddcore.data import public_constants
+        from privacy.class_release import ClassStatistics
+        from privacy.methods.dp_dm import LR_IMAGES, in_normalisation
+        from privacy.statistics import synthesise
+
+        key = tuple(sorted(self.pool))
+        if self._global is not None and self._global[0] == key:
+            return self._global[1]
+        releases = [self.pool[node] for node in key]
+        total = ClassStatistics(sum(r.sums.double() for r in releases).float(),
+                                sum(r.counts.double() for r in releases).float())
+        c, h, w = self.spec.image_shape
+        mean, std = public_constants(c)
+        empty = torch.empty((0, c, h, w))
+        public = Dataset(empty, torch.empty(0, dtype=torch.long), self.spec.num_classes, mean, std,
+                         self.spec.name)
+        run = Dataset(empty, torch.empty(0, dtype=torch.long), self.spec.num_classes, self.spec.mean,
+                      self.spec.std, self.spec.name)
+        generator = torch.Generator().manual_seed(self.cfg.distill.seed * 7_919 + len(key))
+        summary = synthesise(total, self.bank, self.cfg.distill, public, generator,
+                             lr=self.cfg.distill.lr_or(LR_IMAGES))
+        summary = in_normalisation(summary, public, run).with_meta(
+            method="statistics", clients=len(key), **{"bank-size": self.cfg.distill.bank_size,
+                                                      "bank-seed": self.cfg.distill.bank_seed})
+        self._global = (key, summary)
+        return summary
 
 
 class CountingFedAvg(FedAvg):

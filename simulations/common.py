@@ -153,7 +153,8 @@ def check_dp_clients(name: str, cfg: RunConfig, sizes: list[int]) -> None:
     from privacy.accounting import check_budget, epsilon_floor
 
     dp = cfg.distill.dp
-    if math.isfinite(dp.target_epsilon) and dp.target_epsilon <= epsilon_floor(dp.delta):
+    rdp_floor = epsilon_floor(dp.delta) if dp.accountant == "rdp" else 0.0
+    if math.isfinite(dp.target_epsilon) and dp.target_epsilon <= rdp_floor:
         raise ConfigError(f"{name}: epsilon {dp.target_epsilon:g} is below {epsilon_floor(dp.delta):.3g}, "
                           f"the least the RDP accountant can certify at delta {dp.delta:g}; raise the "
                           "epsilon or delta")
@@ -218,7 +219,8 @@ def run_in_simulation(cfg: RunConfig, test, systems: list[System],
         for system in systems:
             c = system.cfg
             if system.kind == "distill":
-                log(INFO, "=== %s: %s, ipc %d ===", system.name, c.distill.method, c.distill.ipc)
+                what = "per-class statistics" if c.summary_kind == "statistics" else c.distill.method
+                log(INFO, "=== %s: %s, ipc %d ===", system.name, what, c.distill.ipc)
                 results[system.name] = run_distillation(grid, c, test, name=system.name)
             else:
                 log(INFO, "=== %s: FedAvg, %d rounds ===", system.name, c.fedavg_rounds)

@@ -2,9 +2,10 @@
 
     python -m simulations.privacy_utility --epsilons 1,2,4,8,inf --out runs/privacy
 
-For each method (``--methods``, default gm,dm,fedavg) the sweep runs its non-DP version and
-its DP version at every target epsilon (per client, over the whole run; ``inf`` = the DP code
-path with clipping but no noise), all on the same partitions in one Flower simulation. Every
+For each method (``--methods``: gm, dm, statistics, fedavg; default gm,dm,fedavg) the sweep
+runs its non-DP version and its DP version at every target epsilon (per client, over the whole
+run; ``inf`` = the DP code path with clipping but no noise), all on the same partitions in one
+Flower simulation. Every
 finished system is then audited: membership inference on its global model (loss threshold;
 LiRA with shadow models for the FedAvg rows), memorisation of its pooled summary, a one-run
 canary audit (an epsilon lower bound beside the accountant's epsilon), and gradient inversion
@@ -49,7 +50,8 @@ from simulations.common import (
     write_report,
 )
 
-METHODS = ("gm", "dm", "fedavg")
+METHODS = ("gm", "dm", "statistics", "fedavg")
+DEFAULT_METHODS = ("gm", "dm", "fedavg")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="output folder for the report")
     parser.add_argument("--epsilons", default="1,2,4,8,inf",
                         help="target epsilons per client, comma-separated; inf = DP path without noise")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="gm, dm (DP distillation) and/or fedavg (DP-FedAvg); default all three")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="gm, dm (DP distillation, summaries pooled), statistics (per-class statistics "
+                             "released once per client, summed and distilled by the server) and/or fedavg "
+                             f"(DP-FedAvg); default {','.join(DEFAULT_METHODS)}")
     add_audit_flags(parser, ("audit-samples", "lira-shadows", "inversion-steps", "canaries"))
     add_run_flags(parser, preset="privacy")
     return parser
@@ -95,7 +99,10 @@ def plan_systems(cfg: RunConfig, methods: list[str], epsilons: list[float]) -> l
     out = []
     for method in methods:
         kind = "fedavg" if method == "fedavg" else "distill"
-        base = plain if kind == "fedavg" else from_flat({"method": method}, base=plain)
+        if method == "statistics":
+            base = from_flat({"summary-kind": "statistics"}, base=plain)
+        else:
+            base = plain if kind == "fedavg" else from_flat({"method": method}, base=plain)
         out.append(({"method": method, "dp": False, "epsilon_target": None}, System(method, kind, base)))
         for eps in epsilons:
             name = f"dp-{method}@eps={eps:g}"

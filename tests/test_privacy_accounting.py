@@ -93,3 +93,41 @@ def test_bad_budgets_are_refused_with_the_fix(kwargs, error, words) -> None:
 def test_unreachable_epsilon_names_the_fix() -> None:
     with pytest.raises(InvalidPrivacyParameterError, match="raise the target epsilon"):
         calibrate_noise(target_epsilon=1e-3, delta=1e-5, sample_rate=0.5, steps=1000)
+
+
+def google_pld_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
+    """epsilon from dp-accounting's privacy-loss-distribution accountant (tight, independent)."""
+    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("q, sigma, steps, delta", [
+    (0.01, 1.1, 1000, 1e-5),
+    (0.25, 3.0, 200, 1e-5),
+])
+def test_prv_epsilon_agrees_with_dp_accounting_pld_and_is_below_rdp(q, sigma, steps, delta) -> None:
+    prv, rdp = Accountant("prv"), Accountant("rdp")
+    for acc in (prv, rdp):
+        acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
+    pld = google_pld_epsilon(q, sigma, steps, delta)
+    assert abs(prv.epsilon(delta) - pld) <= 0.05 * pld, (prv.epsilon(delta), pld)
+    assert prv.epsilon(delta) < rdp.epsilon(delta)  # RDP's conversion overstates the spend
+
+
+def test_prv_calibration_spends_the_target_with_less_noise_and_resumes_from_its_state() -> None:
+    q, steps, delta = 0.05, 400, 1e-5
+    plans = {kind: DPPlan.calibrate(target_epsilon=2.0, delta=delta, max_grad_norm=1.0, sample_rate=q,
+                                    steps=steps, num_examples=5000, accountant=kind)
+             for kind in ("rdp", "prv")}
+    assert plans["prv"].accountant == "prv" and plans["prv"].noise_multiplier < plans["rdp"].noise_multiplier
+    half = Accountant("prv")
+    half.step(noise_multiplier=plans["prv"].noise_multiplier, sample_rate=q, num_steps=steps // 2)
+    resumed = Accountant("prv")
+    resumed.load_state_dict(half.state_dict())
+    resumed.step(noise_multiplier=plans["prv"].noise_multiplier, sample_rate=q, num_steps=steps // 2)
+    spent = resumed.epsilon(delta)
+    assert 0.95 * 2.0 <= spent <= 2.0
+    assert abs(spent - google_pld_epsilon(q, plans["prv"].noise_multiplier, steps, delta)) <= 0.05 * spent
+    with pytest.raises(InvalidPrivacyParameterError, match="unknown accountant 'gdp'"):
+        Accountant("gdp")

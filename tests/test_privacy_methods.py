@@ -98,13 +98,16 @@ def test_batchnorm_and_real_init_are_refused_with_the_fix(tiny) -> None:
                 replace(dp(replace(BASE, method="dm"), 1.0, 1e-3), init="real"))
 
 
-def test_reported_epsilon_is_the_accountants_and_within_target(digits) -> None:
-    # DP-GM composes a release per step (RDP); DP-DM releases once (tests/test_dp_release.py)
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_reported_epsilon_is_the_accountants_and_within_target(digits, accountant) -> None:
+    # DP-GM composes a release per step (RDP or PRV); DP-DM releases once (tests/test_dp_release.py)
     method = "gm"
     cfg = dp(replace(BASE, method=method, iterations=6), 2.0)
+    cfg = replace(cfg, dp=replace(cfg.dp, accountant=accountant))
     factory = model_factory(SPEC, digits.train.image_shape, digits.train.num_classes)
     meta = distill(digits.train, factory, cfg).meta
-    acc = Accountant()
+    assert meta["accountant"] == accountant
+    acc = Accountant(accountant)
     acc.step(noise_multiplier=meta["noise-multiplier"], sample_rate=meta["sample-rate"], num_steps=6)
     assert meta["method"] == f"dp-{method}" and meta["steps"] == 6 and meta["noise-multiplier"] > 0
     assert meta["epsilon"] == pytest.approx(acc.epsilon(1e-4), rel=1e-12)

@@ -98,3 +98,30 @@ def test_every_seed_method_runs_in_the_flower_client_through_the_run_config() ->
         assert 0.0 <= res.ledger.history[-1]["accuracy"] <= 1.0
     assert results["dd"].pooled.soft and not results["mtt"].pooled.soft  # learned labels travel
     assert not torch.equal(results["mtt"].pooled.images, results["iadd"].pooled.images)
+
+
+@pytest.mark.slow
+def test_statistics_clients_release_once_and_the_server_distills_from_their_sum() -> None:
+    base = from_flat({"dataset": "digits", "num-clients": 3, "ipc": 2, "iterations": 20, "min-clients": 3,
+                      "fedavg-rounds": 0, "summary-kind": "statistics", "bank-size": 2},
+                     base=run_preset("quick"))
+    splits = check_partitions(base)
+    dp = from_flat({"dp": True, "target-epsilon": 4.0, "init": "noise"}, base=base)
+    results = run_in_simulation(base, splits.test, [System("statistics", "distill", base),
+                                                    System("dp-statistics", "distill", dp)])
+    for name, res in results.items():
+        entries = res.ledger.entries
+        assert [e.status for e in entries] == ["accepted"] * 3, name
+        dim = res.pooled.meta["bank-size"] * 16 * 2 * 2  # quick: width 16; 8x8 pools to 4x4, then 2x2
+        # what travels: float32 sums (10, D) and counts (10,), nothing else
+        assert all(e.array_bytes_up == 10 * (dim + 1) * 4 and e.images == 0 for e in entries), name
+        assert res.pooled.labels.tolist() == [k for k in range(10) for _ in range(2)], name
+        assert res.pooled.meta["method"] == "statistics" and res.pooled.meta["clients"] == 3
+        assert 0.0 <= res.ledger.history[-1]["accuracy"] <= 1.0
+    assert results["statistics"].privacy() is None
+    assert all(e.examples > 0 for e in results["statistics"].ledger.entries)
+    spent = results["dp-statistics"].privacy()
+    assert 3.99 < spent["epsilon_spent_max"] <= 4.0 + 1e-9
+    assert all(p["steps"] == 1 for p in spent["per_client"].values())
+    assert all(e.examples == 0 for e in results["dp-statistics"].ledger.entries)  # sizes stay private
+    assert not torch.equal(results["statistics"].pooled.images, results["dp-statistics"].pooled.images)

@@ -30,11 +30,12 @@ def dp_plan(data: Dataset, cfg: DistillConfig, model_factory: ModelFactory) -> D
     rate = min(1.0, cfg.batch_real * data.num_classes / max(len(data), 1))
     plan = DPPlan.calibrate(target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.delta,
                             max_grad_norm=cfg.dp.max_grad_norm, sample_rate=rate,
-                            steps=cfg.iterations, num_examples=len(data))
+                            steps=cfg.iterations, num_examples=len(data), accountant=cfg.dp.accountant)
     if math.isinf(plan.target_epsilon):
         logger.warning("target epsilon is inf: clipping and sampling without noise - NO privacy")
-    logger.info("DP plan: sigma %.4g, q %.4g, %d steps, C %g, delta %g", plan.noise_multiplier,
-                plan.sample_rate, plan.steps, plan.max_grad_norm, plan.delta)
+    logger.info("DP plan: sigma %.4g, q %.4g, %d steps, C %g, delta %g (%s accountant)",
+                plan.noise_multiplier, plan.sample_rate, plan.steps, plan.max_grad_norm, plan.delta,
+                plan.accountant)
     return plan
 
 

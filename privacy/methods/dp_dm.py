@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
+from dataclasses import replace
 
 import torch
 
 from ddcore.bank import EmbeddingBank
 from ddcore.config import DistillConfig
-from ddcore.data import Dataset, public_constants, renormalise
+from ddcore.data import Dataset, renormalise
 from ddcore.factorised import Factors
 from ddcore.mean_matching import match_class_means
 from ddcore.methods import register_method
@@ -17,10 +17,10 @@ from ddcore.methods.base import Synthetic
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
 from ddcore.train import Progress
-from privacy.class_release import release_class_statistics
 from privacy.mechanisms import check_model
-from privacy.methods.base import privacy_meta, private_start
-from privacy.single_release import SingleReleaseAccountant, release_plan
+from privacy.methods.base import private_start
+from privacy.record import PRIVACY_KEYS
+from privacy.statistics import bank_meta, public_view, release
 
 logger = logging.getLogger(__name__)
 
@@ -63,30 +63,20 @@ def distill(
     the bank and the normalisation.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
-    mean, std = public_constants(data.image_shape[0])
-    public = data.renormalised(mean, std)
-    dp = cfg.dp
-    plan = release_plan(target_epsilon=dp.target_epsilon, delta=dp.delta, max_norm=dp.max_grad_norm,
-                        num_examples=len(data))
-    if math.isinf(plan.target_epsilon):
-        logger.warning("target epsilon is inf: releasing the class statistics without noise - NO privacy")
+    public = public_view(data)
     bank = bank_of(model_factory, cfg, data.image_shape)
     images, labels = private_start(public, cfg, init, generator)  # refuses real starts before any release
-    accountant = SingleReleaseAccountant()
-    stats = release_class_statistics(bank, public, max_norm=plan.max_grad_norm,
-                                     noise_multiplier=plan.noise_multiplier, generator=generator)
-    accountant.step(noise_multiplier=plan.noise_multiplier)
-    logger.info("DP-DM release: sigma %.4g (%s), C %g, epsilon %.4g at delta %g", plan.noise_multiplier,
-                accountant.name, plan.max_grad_norm, accountant.epsilon(plan.delta), plan.delta)
+    stats, record = release(data, bank, replace(cfg, dp=replace(cfg.dp, enabled=True)), generator)
+    logger.info("DP-DM release: sigma %.4g (%s), C %g, epsilon %.4g at delta %g", record["noise-multiplier"],
+                record["accountant"], record["max-grad-norm"], record["epsilon"], record["delta"])
     synthetic = Synthetic.wrap(images, labels, cfg, generator)
     match_class_means(stats.means(), bank, synthetic, iterations=cfg.iterations, lr=cfg.lr_or(LR_IMAGES),
                       bounds=public.pixel_bounds(), progress=progress)
     summary = in_normalisation(synthetic.summary(public, cfg), public, data)
-    return summary.with_meta(method="dp-dm", **privacy_meta(plan, accountant),
+    privacy = {k: record[k] for k in ("dp", "accountant", *PRIVACY_KEYS)}
+    return summary.with_meta(method="dp-dm", **privacy,
                              normalisation="public" if public.mean == data.mean and public.std == data.std
-                             else "public, mapped to the data's",
-                             **{"bank-size": cfg.bank_size, "bank-seed": cfg.bank_seed,
-                                "bank-augment": cfg.bank_augment})
+                             else "public, mapped to the data's", **bank_meta(cfg))
 
 
 def in_normalisation(summary: Summary, source: Dataset, target: Dataset) -> Summary:

@@ -55,14 +55,14 @@ def distill(
     per-sample gradients with Opacus's ``GradSampleModule``, clips them to ``cfg.dp.max_grad_norm``,
     sums per class and adds noise; the synthetic set (started from noise) is matched to that.
     The network trains on the synthetic set only. The summary's meta records the epsilon the
-    RDP accountant reports after all ``cfg.iterations`` releases.
+    accountant (``cfg.dp.accountant``: RDP or PRV) reports after all ``cfg.iterations`` releases.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     plan = dp_plan(data, cfg, model_factory)
     synthetic = Synthetic.wrap(*private_start(data, cfg, init, generator), cfg, generator)
     labels = synthetic.labels
     classes = list(range(data.num_classes))
-    accountant = Accountant()
+    accountant = Accountant(plan.accountant)
     opt_img = torch.optim.SGD(synthetic.param_groups(cfg.lr_or(0.1)), momentum=0.5)
     gsm, opt_net = None, None
     for it in range(cfg.iterations):

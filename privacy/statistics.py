@@ -1,0 +1,155 @@
+"""Statistic summaries: each client releases its per-class bank statistics once; the server adds them.
+
+A client embeds every private record with the bank of random networks that ``cfg`` names
+(:func:`privacy.methods.dp_dm.bank_of`: built from ``bank-seed``, so the server rebuilds the
+same feature map without any weights on the wire) and sends the per-class sums of the
+features and the per-class counts - with Gaussian noise under DP, as one Gaussian mechanism
+(:mod:`privacy.class_release`: sensitivity C under add/remove of one record, accounted exactly
+by :mod:`privacy.single_release`). The server sums the releases of all clients
+(:class:`~privacy.class_release.ClassStatistics` adds up), divides once, and optimises the
+global summary - ``ipc`` images per class for the whole federation - against those class
+means (:func:`synthesise`). Everything after the release is post-processing.
+
+Why this is what a server can truly aggregate: sums are linear, so N clients' releases add to
+the statistics of the pooled data plus N independent noises. Each client's noise has std
+sigma*C, the total's sqrt(N)*sigma*C, over N times the records: the noise in the global mean
+shrinks like 1/sqrt(N) where pooling N noisy image summaries would not.
+
+Both sides work in the public normalisation (:func:`ddcore.data.public_constants`): the
+release never depends on the private data's mean and std, and the server maps the finished
+images into the run's normalisation before it trains on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from ddcore.bank import EmbeddingBank
+from ddcore.config import DistillConfig
+from ddcore.data import Dataset, public_constants
+from ddcore.errors import SummaryError
+from ddcore.mean_matching import match_class_means
+from ddcore.methods.base import Synthetic
+from ddcore.summary import Summary
+from ddcore.train import Progress
+from privacy.class_release import ClassStatistics, release_class_statistics
+from privacy.record import privacy_record
+from privacy.single_release import SingleReleaseAccountant, release_plan
+
+logger = logging.getLogger(__name__)
+
+KIND = "statistics"  # meta "kind" of a statistics reply
+MAX_ABS = 1e12  # a sent sum or count beyond this (in feature units) is rejected as absurd
+BANK_KEYS = ("bank-size", "bank-seed", "bank-augment")
+
+
+def bank_meta(cfg: DistillConfig) -> dict[str, int]:
+    """The public values that define the bank (sent with a release, checked by the server)."""
+    return {"bank-size": cfg.bank_size, "bank-seed": cfg.bank_seed, "bank-augment": cfg.bank_augment}
+
+
+def feature_dim(bank: EmbeddingBank, shape: tuple[int, int, int]) -> int:
+    """D, the length of the bank's feature of one image of ``shape``."""
+    with torch.no_grad():
+        return int(bank.features(torch.zeros((1, *shape), device=bank.device)).shape[1])
+
+
+def public_view(data: Dataset) -> Dataset:
+    """``data`` re-expressed in the public normalisation constants."""
+    mean, std = public_constants(data.image_shape[0])
+    return data.renormalised(mean, std)
+
+
+def release(data: Dataset, bank: EmbeddingBank, cfg: DistillConfig,
+            generator: torch.Generator) -> tuple[ClassStatistics, dict]:
+    """This client's one release of its per-class statistics, and the meta that goes with it.
+
+    ``data`` in any normalisation (it is re-expressed in the public one first). With
+    ``cfg.dp.enabled`` sigma is calibrated exactly for ``cfg.dp.target_epsilon`` at
+    ``cfg.dp.delta`` (one Gaussian release, sensitivity ``cfg.dp.max_grad_norm``) and the meta
+    carries the privacy record (epsilon from the accountant); otherwise the statistics are
+    released exactly (sigma 0) and the meta says ``dp`` False.
+    """
+    public = public_view(data)
+    meta: dict = {"kind": KIND, **bank_meta(cfg), "normalisation": "public"}
+    dp = cfg.dp
+    if not dp.enabled:
+        stats = release_class_statistics(bank, public, max_norm=dp.max_grad_norm, noise_multiplier=0.0,
+                                         generator=generator)
+        return stats, {**meta, "dp": False}
+    plan = release_plan(target_epsilon=dp.target_epsilon, delta=dp.delta, max_norm=dp.max_grad_norm,
+                        num_examples=len(data))
+    if math.isinf(plan.target_epsilon):
+        logger.warning("target epsilon is inf: releasing the class statistics without noise - NO privacy")
+    stats = release_class_statistics(bank, public, max_norm=plan.max_grad_norm,
+                                     noise_multiplier=plan.noise_multiplier, generator=generator)
+    accountant = SingleReleaseAccountant()
+    accountant.step(noise_multiplier=plan.noise_multiplier)
+    return stats, {**meta, "dp": True, "accountant": accountant.name, **privacy_record(plan, accountant)}
+
+
+def to_arrays(stats: ClassStatistics) -> dict[str, np.ndarray]:
+    """The wire form: ``sums`` (K, D) and ``counts`` (K,), float32."""
+    return {"sums": stats.sums.detach().cpu().float().numpy(),
+            "counts": stats.counts.detach().cpu().float().numpy()}
+
+
+def read_statistics(arrays: dict[str, np.ndarray], meta: dict, cfg: DistillConfig, *, num_classes: int,
+                    dim: int) -> ClassStatistics:
+    """A received release, checked against the run; :class:`SummaryError` names what is wrong.
+
+    The server never trusts a reply: the kind and the bank must be the run's, ``sums`` must be
+    (num_classes, dim) and ``counts`` (num_classes,), float, finite and of sane magnitude.
+    The values themselves are noisy under DP (a count may be negative), so nothing tighter
+    can be asked of them.
+    """
+    if meta.get("kind") != KIND:
+        raise SummaryError(f"expected a statistics release (meta kind {KIND!r}), "
+                           f"got kind {meta.get('kind')!r}")
+    expected = bank_meta(cfg)
+    sent = {k: meta.get(k) for k in BANK_KEYS}
+    if any(sent[k] is None or int(sent[k]) != v for k, v in expected.items()):
+        raise SummaryError(f"the release was made with bank {sent}, the run's is {expected}")
+    missing = [k for k in ("sums", "counts") if k not in arrays]
+    extra = sorted(set(arrays) - {"sums", "counts"})
+    if missing or extra:
+        raise SummaryError(f"a statistics release has exactly 'sums' and 'counts'; missing {missing}, "
+                           f"unexpected {extra}")
+    sums, counts = arrays["sums"], arrays["counts"]
+    if sums.shape != (num_classes, dim) or counts.shape != (num_classes,):
+        raise SummaryError(f"sums {tuple(sums.shape)} and counts {tuple(counts.shape)}: expected "
+                           f"({num_classes}, {dim}) and ({num_classes},)")
+    for name, values in (("sums", sums), ("counts", counts)):
+        if values.dtype.kind != "f":
+            raise SummaryError(f"{name} must be floating point, got {values.dtype}")
+        if not np.isfinite(values).all():
+            raise SummaryError(f"{name} contain NaN or Inf")
+        if np.abs(values).max(initial=0.0) > MAX_ABS:
+            raise SummaryError(f"{name} reach {np.abs(values).max():.3g}, beyond {MAX_ABS:g}")
+    return ClassStatistics(torch.from_numpy(sums.astype(np.float32)),
+                           torch.from_numpy(counts.astype(np.float32)))
+
+
+def synthesise(total: ClassStatistics, bank: EmbeddingBank, cfg: DistillConfig, public: Dataset,
+               generator: torch.Generator, lr: float, progress: Progress | None = None) -> Summary:
+    """``cfg.ipc`` images for every class whose (noisy) count is at least 1, matched to its mean.
+
+    ``public`` gives the label space, image shape and (public) normalisation; its records are
+    not used (the server has none). The images start from N(0, 1) noise and take
+    ``cfg.iterations`` Adam steps of size ``lr`` towards the class means, projected into the
+    pixel range after every step (:func:`ddcore.mean_matching.match_class_means`).
+    """
+    classes = [c for c in range(public.num_classes) if float(total.counts[c]) >= 1.0]
+    if not classes:
+        raise SummaryError("the aggregated statistics hold no class with a count of at least 1")
+    images = torch.randn((len(classes) * cfg.ipc, *public.image_shape), generator=generator)
+    labels = torch.tensor(classes).repeat_interleave(cfg.ipc)
+    synthetic = Synthetic.wrap(images.to(cfg.device).requires_grad_(True), labels.to(cfg.device), cfg,
+                               generator)
+    match_class_means(total.means(), bank, synthetic, iterations=cfg.iterations, lr=lr,
+                      bounds=public.pixel_bounds(), progress=progress)
+    return synthetic.summary(public, cfg)
