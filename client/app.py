@@ -25,6 +25,7 @@ app = ClientApp()
 
 _PREVIOUS = "previous-summary"  # node state: this client's last summary (iterative rounds)
 _DATA, _DATA_META = "local-data", "local-data-meta"  # node state: this node's data, loaded once
+_SUMS, _SUMS_META = "exact-sums", "exact-sums-meta"  # node state: this node's noise-free class sums
 _ACCOUNTANT = "dp-accountant"  # node state: DP-FedAvg accountant, spanning every round of the run
 
 
@@ -70,7 +71,7 @@ def distill_summary(message: Message, context: Context) -> Message:
             previous = Summary.from_arrays(protocol.content_arrays(prev), {})
     seed = client_seed(cfg, cid, server_round)
     if cfg.summary_kind == "statistics":
-        return _statistics_reply(message, data, cfg, num_classes, seed, cid)
+        return _statistics_reply(message, context, data, cfg, num_classes, seed, cid)
     summary, m = distill_local(data, cfg, num_classes, seed, global_state, previous)
     summary = summary.with_meta(**{"client-id": cid, "server-round": server_round})
     if cfg.rounds > 1:
@@ -91,14 +92,25 @@ def distill_summary(message: Message, context: Context) -> Message:
     return Message(content=content, reply_to=message)
 
 
-def _statistics_reply(message: Message, data: Dataset, cfg: RunConfig, num_classes: int, seed: int,
-                      cid: int) -> Message:
+def _statistics_reply(message: Message, context: Context, data: Dataset, cfg: RunConfig, num_classes: int,
+                      seed: int, cid: int) -> Message:
     """The reply of ``summary-kind = "statistics"``: per-class sums and counts, released once.
 
     Under DP the exact number of records is not sent (add/remove adjacency makes it private;
-    the release's noisy counts stand in for it).
+    the release's noisy counts stand in for it). The node keeps its exact (noise-free) sums in
+    its own state, keyed by its data and the bank, so a later request of the same run (another
+    system of a sweep, at another epsilon) adds fresh noise to them instead of embedding every
+    record again; they never leave the node.
     """
-    arrays, meta, m = release_statistics(data, cfg, num_classes, seed)
+    key = repr((cfg.dataset, cfg.data_dir, cfg.partition, cfg.canaries, cfg.distill.model,
+                cfg.distill.bank_size, cfg.distill.bank_seed, cfg.distill.bank_augment, num_classes,
+                sorted(context.node_config.items())))
+    exact = None
+    if _SUMS in context.state and context.state[_SUMS_META].get("key") == key:
+        exact = tuple(torch.from_numpy(context.state[_SUMS][k].numpy()) for k in ("sums", "counts"))
+    arrays, meta, m, exact = release_statistics(data, cfg, num_classes, seed, exact)
+    context.state[_SUMS] = ArrayRecord({"sums": Array(exact[0].numpy()), "counts": Array(exact[1].numpy())})
+    context.state[_SUMS_META] = ConfigRecord({"key": key})
     metrics = {"client-id": cid, "distill-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb, "images": 0}
     if meta["dp"]:
         from privacy.record import PRIVACY_KEYS

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ddcore.data import Dataset, load_dataset
+from ddcore.data import Dataset
 from ddcore.devicedata import DataSpec, load_device_data
 from ddcore.errors import ConfigError
 from ddcore.methods import distill
 from ddcore.models import ModelFactory, build_model, model_factory
 from ddcore.partition import partition_indices
 from ddcore.profile import Measurement, measure
-from ddcore.runconfig import RunConfig
+from ddcore.runconfig import RunConfig, run_splits
 from ddcore.summary import Summary
 from ddcore.train import train_model
 
@@ -41,7 +41,7 @@ def client_seed(cfg: RunConfig, cid: int, server_round: int) -> int:
 
 def run_spec(cfg: RunConfig) -> DataSpec:
     """What the run's images look like, from the run's dataset loaded here (server side, tests)."""
-    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed)
+    splits = run_splits(cfg)
     return DataSpec.of(splits.train)
 
 
@@ -64,7 +64,7 @@ def local_data(cfg: RunConfig, node_config: NodeConfig, spec: DataSpec | None = 
     num = int(node_config.get("num-partitions", cfg.partition.num_partitions))
     if not 0 <= pid < num:
         raise ConfigError(f"partition-id {pid} is outside 0..{num - 1}")
-    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed)
+    splits = run_splits(cfg)
     parts = partition_indices(splits.train.y.numpy(), replace(cfg.partition, num_partitions=num))
     data = splits.train.subset(parts[pid])
     if cfg.canaries:
@@ -115,22 +115,27 @@ def release_statistics(
     cfg: RunConfig,
     num_classes: int,
     seed: int,
-) -> tuple[dict[str, np.ndarray], dict, Measurement]:
+    exact: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[dict[str, np.ndarray], dict, Measurement, tuple[torch.Tensor, torch.Tensor]]:
     """This client's one statistics release (``summary-kind = "statistics"``), as arrays and meta.
 
     The bank is the run's (``bank-size``, ``bank-seed``, ``bank-augment`` and the distillation
     model), so the server rebuilds it; under DP (``dp = true``) the noise is calibrated for the
-    run's per-client budget (:func:`privacy.statistics.release`).
+    run's per-client budget (:func:`privacy.statistics.release`). ``exact``: the noise-free
+    sums and counts returned by an earlier call with the same data and bank (they are
+    returned last, for the caller to keep on the device; never sent).
     """
     from privacy.methods.dp_dm import bank_of
-    from privacy.statistics import release, to_arrays
+    from privacy.statistics import public_sums, release, to_arrays
 
     data = Dataset(data.x, data.y, num_classes, data.mean, data.std, data.name)
     factory = model_factory(cfg.distill.model, data.image_shape, num_classes, cfg.distill.device)
     with measure(cfg.distill.device) as m:
         bank = bank_of(factory, cfg.distill, data.image_shape)
-        stats, meta = release(data, bank, cfg.distill, torch.Generator().manual_seed(seed))
-    return to_arrays(stats), meta, m
+        if exact is None:
+            exact = public_sums(data, bank)
+        stats, meta = release(data, bank, cfg.distill, torch.Generator().manual_seed(seed), exact)
+    return to_arrays(stats), meta, m, exact
 
 
 def fedavg_local(

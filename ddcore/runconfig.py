@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import TYPE_CHECKING
 
 from ddcore.config import DistillConfig, TrainConfig
 from ddcore.errors import ConfigError
@@ -16,8 +17,12 @@ from ddcore.models import ModelSpec
 from ddcore.partition import PartitionSpec
 from ddcore.summary import STORED_DTYPES
 
+if TYPE_CHECKING:
+    from ddcore.data import DataSplits
+
 Scalar = str | int | float | bool
 SUMMARY_KINDS = ("images", "statistics")
+NORMALISATIONS = ("data", "public")
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,9 @@ class RunConfig:
 
     dataset: str = "mnist5k"  # registered name, or a path to an .npz / ImageFolder
     data_dir: str = ""  # folder of torchvision dataset files ("" = none)
+    # how every image of the run is normalised: "data" (the training split's own per-channel mean and
+    # std) or "public" (0.5 / 0.5: no statistic of the private data is used - what DP runs need)
+    normalisation: str = "data"
     partition: PartitionSpec = field(default_factory=PartitionSpec)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)  # server training on the pooled summaries
@@ -66,6 +74,9 @@ class RunConfig:
         if self.distill.dp.enabled and self.rounds > 1:
             raise ConfigError("DP distillation is one-shot: with dp=true use rounds=1 "
                               "(iterative rounds would need one accountant across rounds)")
+        if self.normalisation not in NORMALISATIONS:
+            raise ConfigError(f"unknown normalisation {self.normalisation!r}; "
+                              f"known: {', '.join(NORMALISATIONS)}")
         if self.summary_kind not in SUMMARY_KINDS:
             raise ConfigError(f"unknown summary-kind {self.summary_kind!r}; "
                               f"known: {', '.join(SUMMARY_KINDS)}")
@@ -249,6 +260,7 @@ RUN_PRESETS: dict[str, RunConfig] = {
     # 10 FedAvg rounds; 16 real images per class per step keeps the DP sampling rate q well below 1
     # on clients of a few hundred examples
     "privacy": RunConfig(
+        normalisation="public",  # no statistic of the private data enters a DP run
         distill=DistillConfig(iterations=60, batch_real=16),
         fedavg_rounds=10,
     ),
@@ -261,7 +273,7 @@ RUN_PRESETS: dict[str, RunConfig] = {
     ),
     # the research bench: full Fashion-MNIST (Debian's dataset-fashion-mnist), otherwise the default
     # settings (10 clients, Dirichlet 0.5, seed 0)
-    "fmnist": RunConfig(dataset="fashion-mnist"),
+    "fmnist": RunConfig(dataset="fashion-mnist", normalisation="public"),
     # GPU-scale: ConvNet-128 and long optimisation, as in the papers
     "paper": RunConfig(
         distill=DistillConfig(iterations=20000, model=ModelSpec(width=128)),
@@ -269,6 +281,15 @@ RUN_PRESETS: dict[str, RunConfig] = {
         fedavg_rounds=200,
     ),
 }
+
+
+def run_splits(cfg: RunConfig) -> DataSplits:
+    """The run's train/test splits: ``cfg.dataset`` from ``cfg.data_dir``, split with the run's seed
+    and normalised as ``cfg.normalisation`` says (server, clients and drivers all load this way)."""
+    from ddcore.data import load_dataset
+
+    return load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed,
+                        public_normalisation=cfg.normalisation == "public")
 
 
 def run_preset(name: str) -> RunConfig:

@@ -62,6 +62,40 @@ def norm_split(max_norm: float, dim: int) -> tuple[float, float]:
     return a, a * ratio
 
 
+def class_sums(bank: EmbeddingBank, data: Dataset,
+               batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact per-class feature sums (K, D) (float64) and counts (K,) of ``data``: no noise.
+
+    Every record is embedded once (``phi`` re-clipped to norm <= 1 against rounding); the K
+    rows span ``data.num_classes``, the label space, so which classes a client holds stays
+    private once :func:`noisy_release` has added the noise. Never send these.
+    """
+    sums: torch.Tensor | None = None
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            x = data.x[start:start + batch_size].to(bank.device)
+            y = data.y[start:start + batch_size].to(bank.device)
+            phi = clip_rows(bank.features(x), 1.0)  # (n, D), norm <= 1 exactly (guards rounding)
+            if sums is None:
+                sums = torch.zeros((data.num_classes, phi.shape[1]), dtype=torch.float64, device=phi.device)
+            sums.index_add_(0, y, phi.double())
+    if sums is None:
+        raise InvalidPrivacyParameterError("no records to release; a client needs at least one example")
+    return sums, torch.bincount(data.y, minlength=data.num_classes).to(sums)
+
+
+def noisy_release(sums: torch.Tensor, counts: torch.Tensor, *, max_norm: float, noise_multiplier: float,
+                  generator: torch.Generator) -> ClassStatistics:
+    """The one Gaussian release of exact ``sums`` and ``counts`` (see the module docstring)."""
+    if not (max_norm > 0 and math.isfinite(max_norm)) or noise_multiplier < 0:
+        raise InvalidPrivacyParameterError(f"need a finite max_norm > 0 and noise_multiplier >= 0, got "
+                                           f"{max_norm}, {noise_multiplier}")
+    a, b = norm_split(max_norm, sums.shape[1])
+    release = torch.cat([a * sums, b * counts[:, None]], dim=1)  # (K, D + 1), sensitivity C
+    (release,) = add_noise([release], noise_multiplier * max_norm, generator)  # the one release
+    return ClassStatistics((release[:, :-1] / a).float(), (release[:, -1] / b).float())
+
+
 def release_class_statistics(
     bank: EmbeddingBank,
     data: Dataset,
@@ -85,22 +119,9 @@ def release_class_statistics(
     generator
         The noise's only source.
     """
-    if not (max_norm > 0 and math.isfinite(max_norm)) or noise_multiplier < 0:
+    if not (max_norm > 0 and math.isfinite(max_norm)) or noise_multiplier < 0:  # before any embedding
         raise InvalidPrivacyParameterError(f"need a finite max_norm > 0 and noise_multiplier >= 0, got "
                                            f"{max_norm}, {noise_multiplier}")
-    sums: torch.Tensor | None = None
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            x = data.x[start:start + batch_size].to(bank.device)
-            y = data.y[start:start + batch_size].to(bank.device)
-            phi = clip_rows(bank.features(x), 1.0)  # (n, D), norm <= 1 exactly (guards rounding)
-            if sums is None:
-                sums = torch.zeros((data.num_classes, phi.shape[1]), dtype=torch.float64, device=phi.device)
-            sums.index_add_(0, y, phi.double())
-    if sums is None:
-        raise InvalidPrivacyParameterError("no records to release; a client needs at least one example")
-    counts = torch.bincount(data.y, minlength=data.num_classes).to(sums)
-    a, b = norm_split(max_norm, sums.shape[1])
-    release = torch.cat([a * sums, b * counts[:, None]], dim=1)  # (K, D + 1), sensitivity C
-    (release,) = add_noise([release], noise_multiplier * max_norm, generator)  # the one release
-    return ClassStatistics((release[:, :-1] / a).float(), (release[:, -1] / b).float())
+    sums, counts = class_sums(bank, data, batch_size)
+    return noisy_release(sums, counts, max_norm=max_norm, noise_multiplier=noise_multiplier,
+                         generator=generator)

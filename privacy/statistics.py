@@ -36,7 +36,7 @@ from ddcore.mean_matching import match_class_means
 from ddcore.methods.base import Synthetic
 from ddcore.summary import Summary
 from ddcore.train import Progress
-from privacy.class_release import ClassStatistics, release_class_statistics
+from privacy.class_release import ClassStatistics, class_sums, noisy_release
 from privacy.record import privacy_record
 from privacy.single_release import SingleReleaseAccountant, release_plan
 
@@ -64,32 +64,40 @@ def public_view(data: Dataset) -> Dataset:
     return data.renormalised(mean, std)
 
 
-def release(data: Dataset, bank: EmbeddingBank, cfg: DistillConfig,
-            generator: torch.Generator) -> tuple[ClassStatistics, dict]:
+def release(data: Dataset, bank: EmbeddingBank, cfg: DistillConfig, generator: torch.Generator,
+            exact: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[ClassStatistics, dict]:
     """This client's one release of its per-class statistics, and the meta that goes with it.
 
-    ``data`` in any normalisation (it is re-expressed in the public one first). With
+    ``data`` in any normalisation (it is re-expressed in the public one first); ``exact``: its
+    noise-free :func:`public_sums` under ``bank`` when already computed (a client that is
+    asked again, e.g. at another epsilon in a sweep, need not embed its data again). With
     ``cfg.dp.enabled`` sigma is calibrated exactly for ``cfg.dp.target_epsilon`` at
     ``cfg.dp.delta`` (one Gaussian release, sensitivity ``cfg.dp.max_grad_norm``) and the meta
     carries the privacy record (epsilon from the accountant); otherwise the statistics are
     released exactly (sigma 0) and the meta says ``dp`` False.
     """
-    public = public_view(data)
     meta: dict = {"kind": KIND, **bank_meta(cfg), "normalisation": "public"}
     dp = cfg.dp
     if not dp.enabled:
-        stats = release_class_statistics(bank, public, max_norm=dp.max_grad_norm, noise_multiplier=0.0,
-                                         generator=generator)
+        sums, counts = exact if exact is not None else public_sums(data, bank)
+        stats = noisy_release(sums, counts, max_norm=dp.max_grad_norm, noise_multiplier=0.0,
+                              generator=generator)
         return stats, {**meta, "dp": False}
     plan = release_plan(target_epsilon=dp.target_epsilon, delta=dp.delta, max_norm=dp.max_grad_norm,
                         num_examples=len(data))
     if math.isinf(plan.target_epsilon):
         logger.warning("target epsilon is inf: releasing the class statistics without noise - NO privacy")
-    stats = release_class_statistics(bank, public, max_norm=plan.max_grad_norm,
-                                     noise_multiplier=plan.noise_multiplier, generator=generator)
+    sums, counts = exact if exact is not None else public_sums(data, bank)
+    stats = noisy_release(sums, counts, max_norm=plan.max_grad_norm, noise_multiplier=plan.noise_multiplier,
+                          generator=generator)
     accountant = SingleReleaseAccountant()
     accountant.step(noise_multiplier=plan.noise_multiplier)
     return stats, {**meta, "dp": True, "accountant": accountant.name, **privacy_record(plan, accountant)}
+
+
+def public_sums(data: Dataset, bank: EmbeddingBank) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact per-class sums and counts of ``data`` in the public normalisation (never sent)."""
+    return class_sums(bank, public_view(data))
 
 
 def to_arrays(stats: ClassStatistics) -> dict[str, np.ndarray]:

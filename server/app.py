@@ -9,10 +9,9 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from ddcore.data import load_dataset
 from ddcore.files import environment
 from ddcore.plots import plot_summary
-from ddcore.runconfig import from_flat, to_flat
+from ddcore.runconfig import from_flat, run_splits, to_flat
 from server.report import write_report
 from server.run import run_distillation
 
@@ -23,7 +22,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Read the run-config once, run the distillation rounds, write the report."""
     cfg = from_flat(dict(context.run_config))
-    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed)
+    splits = run_splits(cfg)
     result = run_distillation(grid, cfg, splits.test)
     out = Path(cfg.out_dir)
     report = {"title": "feddistill (flwr run)", "config": to_flat(cfg),

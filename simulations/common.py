@@ -12,11 +12,11 @@ from logging import INFO
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from ddcore.data import DataSplits, load_dataset
+from ddcore.data import DataSplits
 from ddcore.errors import ConfigError
 from ddcore.methods.base import check_ipc
 from ddcore.partition import partition_indices
-from ddcore.runconfig import RunConfig, from_flat, to_flat
+from ddcore.runconfig import RunConfig, from_flat, run_splits, to_flat
 from ddcore.settings import add_settings, given, settings_from_args
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def recorded_config(preset: str, cfg: RunConfig) -> dict:
 
 def check_partitions(cfg: RunConfig) -> DataSplits:
     """Load the data and partition it now, so bad settings fail before anything runs."""
-    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed)
+    splits = run_splits(cfg)
     parts = partition_indices(splits.train.y.numpy(), cfg.partition)
     for pid, part in enumerate(parts):
         if len(part) == 0:

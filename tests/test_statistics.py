@@ -105,3 +105,21 @@ def test_statistics_runs_are_one_shot_float32_releases() -> None:
     for flat in ({"rounds": 2}, {"summary-dtype": "uint8"}, {"summary-resolution": 14}):
         with pytest.raises(ConfigError, match="summary-kind 'statistics' is one release"):
             from_flat({"summary-kind": "statistics", **flat})
+
+
+def test_a_client_asked_again_reuses_its_exact_sums_and_adds_fresh_noise(monkeypatch) -> None:
+    import privacy.statistics
+    from client.task import release_statistics
+
+    data = blobs(n_per_class=10)
+    cfg = from_flat({"bank-size": 2, "model-width": 8, "dp": True, "target-epsilon": 3.0, "delta": 1e-3})
+    first, meta, _, exact = release_statistics(data, cfg, 3, seed=5)
+    calls = []
+    original = privacy.statistics.public_sums
+    monkeypatch.setattr(privacy.statistics, "public_sums", lambda *a: calls.append(1) or original(*a))
+    again, _, _, kept = release_statistics(data, cfg, 3, seed=5, exact=exact)
+    assert not calls and kept is exact  # nothing embedded again
+    assert all(np.array_equal(first[k], again[k]) for k in ("sums", "counts"))  # same seed, same release
+    other, _, _, _ = release_statistics(data, cfg, 3, seed=6, exact=exact)
+    assert not np.array_equal(first["sums"], other["sums"])  # another request: its own noise
+    assert math.isclose(meta["epsilon"], 3.0, rel_tol=1e-6)
