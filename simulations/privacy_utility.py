@@ -30,6 +30,7 @@ from ddcore.files import environment
 from ddcore.partition import partition_indices
 from ddcore.profile import measure_tree
 from ddcore.runconfig import RunConfig, from_flat
+from ddcore.settings import parse_set
 from privacy.attacks.canary import Canaries
 from privacy.audit import CANARY_BETA, CANARY_KIND, run_canaries
 from server.report import canary_bound_cell, canary_guesses_cell, canary_note
@@ -50,8 +51,24 @@ from simulations.common import (
     write_report,
 )
 
-METHODS = ("gm", "dm", "statistics", "fedavg")
+METHODS = ("gm", "gm-psg", "dm", "statistics", "fedavg")
+# DP gradient matching as PSG (Chen, Kerkouche & Fritz, NeurIPS 2022) runs it: clip 0.1, a small
+# Poisson rate (PSG: 256 of 60,000 records per step; 3 per class is 30 of a ~6,000-record client),
+# many noisy releases and image step 0.1. PSG runs 10^4-10^5 releases on a GPU; 2 CPU cores
+# afford 1,000 per client here.
+PSG_SETTINGS: dict[str, str | int | float] = {"method": "gm", "max-grad-norm": 0.1, "batch-real": 3,
+                                              "iterations": 1000, "lr-images": 0.1, "outer-loop": 10}
 DEFAULT_METHODS = ("gm", "dm", "fedavg")
+# What the sweep changes in a preset (under the command line's flags and --set), and its default
+# methods there. On the full Fashion-MNIST one DP-GM or pooled DP-DM row costs 5-10 minutes of
+# client work on 2 cores and a DP-FedAvg round about a minute, so the hour holds the server-summed
+# statistics and DP-FedAvg at every epsilon, with 5 FedAvg rounds (gm and dm can be asked for).
+SWEEP_SETTINGS: dict[str, dict[str, str | int | float]] = {"fmnist": {"fedavg-rounds": 5}}
+SWEEP_METHODS: dict[str, tuple[str, ...]] = {"fmnist": ("statistics", "fedavg")}
+# DP-FedAvg's local DP-SGD (every DP-FedAvg row, the noise-free one too), chosen on a validation
+# split carved from the training data (python -m simulations.tune_dp_fedavg; README "A fair
+# DP-FedAvg"); --dp-fedavg-set overrides. Presets without an entry use plain FedAvg's local recipe.
+DP_FEDAVG_SETTINGS: dict[str, dict[str, str | int | float]] = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,10 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="output folder for the report")
     parser.add_argument("--epsilons", default="1,2,4,8,inf",
                         help="target epsilons per client, comma-separated; inf = DP path without noise")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help="gm, dm (DP distillation, summaries pooled), statistics (per-class statistics "
+    parser.add_argument("--methods", default=None,
+                        help="gm, gm-psg (DP gradient matching with PSG's settings, PSG_SETTINGS), dm (DP "
+                             "distillation, summaries pooled), statistics (per-class statistics "
                              "released once per client, summed and distilled by the server) and/or fedavg "
-                             f"(DP-FedAvg); default {','.join(DEFAULT_METHODS)}")
+                             f"(DP-FedAvg); default {','.join(DEFAULT_METHODS)}, with --preset fmnist "
+                             f"{','.join(SWEEP_METHODS['fmnist'])}")
+    parser.add_argument("--dp-fedavg-set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
+                        help="run-config keys of the DP-FedAvg rows only (their local DP-SGD: local-lr, "
+                             "local-batch-size, max-grad-norm, ...), over the preset's tuned values "
+                             "(DP_FEDAVG_SETTINGS)")
     add_audit_flags(parser, ("audit-samples", "lira-shadows", "inversion-steps", "canaries"))
     add_run_flags(parser, preset="privacy")
     return parser
@@ -93,21 +116,28 @@ def dp_config(cfg: RunConfig, epsilon: float) -> RunConfig:
     return from_flat({"dp": True, "target-epsilon": epsilon, "init": "noise"}, base=cfg)
 
 
-def plan_systems(cfg: RunConfig, methods: list[str], epsilons: list[float]) -> list[tuple[dict, System]]:
-    """A row description and a system for every method and epsilon (non-DP first)."""
+def plan_systems(cfg: RunConfig, methods: list[str], epsilons: list[float],
+                 dp_fedavg: dict | None = None) -> list[tuple[dict, System]]:
+    """A row description and a system for every method and epsilon (non-DP first).
+
+    ``dp_fedavg``: flat keys set on every DP-FedAvg row (its tuned local DP-SGD).
+    """
     plain = from_flat({"dp": False}, base=cfg)
     out = []
     for method in methods:
         kind = "fedavg" if method == "fedavg" else "distill"
         if method == "statistics":
             base = from_flat({"summary-kind": "statistics"}, base=plain)
+        elif method == "gm-psg":
+            base = from_flat(PSG_SETTINGS, base=plain)
         else:
             base = plain if kind == "fedavg" else from_flat({"method": method}, base=plain)
         out.append(({"method": method, "dp": False, "epsilon_target": None}, System(method, kind, base)))
+        dp_base = from_flat(dp_fedavg, base=base) if method == "fedavg" and dp_fedavg else base
         for eps in epsilons:
             name = f"dp-{method}@eps={eps:g}"
             out.append(({"method": f"dp-{method}", "dp": True, "epsilon_target": eps},
-                        System(name, kind, dp_config(base, eps))))
+                        System(name, kind, dp_config(dp_base, eps))))
     return out
 
 
@@ -242,6 +272,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# published reference points (central DP-SGD on all 60,000 records, not federated) drawn on the
+# accuracy plot: Tramer & Boneh, "Differentially Private Learning Needs Better Features", ICLR 2021
+ANCHORS: dict[str, list[tuple[str, float, float]]] = {
+    "fashion-mnist": [("Tramer & Boneh: CNN, central", 3.0, 86.0),
+                      ("Tramer & Boneh: ScatterNet+linear, central", 3.0, 89.7)],
+}
+
+
 def plot(report: dict, out: Path) -> None:
     """accuracy_vs_epsilon.png and mia_vs_epsilon.png (inf drawn right of the largest finite epsilon)."""
     import matplotlib
@@ -255,7 +293,7 @@ def plot(report: dict, out: Path) -> None:
     for key, fname, ylabel in (("accuracy", "accuracy_vs_epsilon.png", "test accuracy (%)"),
                                ("mia_tpr_at_1pct_fpr", "mia_vs_epsilon.png", "MIA TPR at 1% FPR (%)")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for base, color in zip(bases, ("C0", "C1", "C2", "C3"), strict=False):
+        for base, color in zip(bases, [f"C{i}" for i in range(len(bases))], strict=True):
             dp_rows = [r for r in report["rows"] if r["method"] == f"dp-{base}" and r[key] is not None
                        and not r.get("canary_bound_exceeds_epsilon")]  # a DP bug is not a result
             xs = [inf_x if math.isinf(r["epsilon_target"]) else r["epsilon_target"] for r in dp_rows]
@@ -263,6 +301,10 @@ def plot(report: dict, out: Path) -> None:
             plain = [r for r in report["rows"] if r["method"] == base and r[key] is not None]
             if plain:
                 ax.axhline(100 * plain[0][key], color=color, ls="--", lw=1, label=f"{base} (non-DP)")
+        if key == "accuracy":
+            for label, eps, acc in ANCHORS.get(report["config"]["dataset"], []):
+                ax.plot([eps], [acc], "k*", ms=9)
+                ax.annotate(label, (eps, acc), fontsize=6, xytext=(4, -9), textcoords="offset points")
         ax.set_xscale("log")
         ticks = sorted(set(finite)) + ([inf_x] if any(math.isinf(r["epsilon_target"] or 0)
                                                       for r in report["rows"]) else [])
@@ -280,15 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         epsilons = parse_epsilons(args.epsilons)
-        methods = parse_methods(args.methods)
+        methods = parse_methods(args.methods or ",".join(SWEEP_METHODS.get(args.preset, DEFAULT_METHODS)))
         budget = audit_budget(args)
         if budget.samples < 1:
             raise ConfigError(f"--audit-samples must be >= 1 here (every row is audited), "
                               f"got {budget.samples}")
-        cfg = with_canaries(args, run_config(args), budget)
+        cfg = with_canaries(args, run_config(args, SWEEP_SETTINGS.get(args.preset)), budget)
+        dp_fedavg = {**DP_FEDAVG_SETTINGS.get(args.preset, {}), **parse_set(args.dp_fedavg_set)}
         splits = check_partitions(cfg)
         canaries = run_canaries(cfg, splits)
-        planned = plan_systems(cfg, methods, epsilons)
+        planned = plan_systems(cfg, methods, epsilons, dp_fedavg)
         check_budgets(splits, planned, canaries)
     except ValueError as exc:
         return fail(exc)
@@ -311,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "title": f"feddistill privacy vs utility ({cfg.dataset}, {cfg.partition.num_partitions} clients, "
                  f"{cfg.partition.scheme} {cfg.partition.alpha:g})",
         "config": recorded_config(args.preset, cfg), "environment": environment(cfg.distill.device),
-        "epsilons": epsilons, "methods": methods,
+        "epsilons": epsilons, "methods": methods, "dp_fedavg_settings": dp_fedavg,
         "audit": {"members": len(members), "nonmembers": len(nonmembers), **asdict(budget),
                   "canary_kind": CANARY_KIND, "canary_beta": CANARY_BETA,
                   "canary_violations": [r["system"] for r in rows if r["canary_bound_exceeds_epsilon"]],

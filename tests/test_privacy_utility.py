@@ -113,3 +113,17 @@ def test_dp_client_update_is_clipped_and_noised(digits) -> None:
     assert norm(noisy) > 10 * norm(clipped)  # sigma C noise per coordinate dwarfs the clipped signal
     again = client_update_gradient(model, x, y, noise_multiplier=0.0, max_grad_norm=None, generator=g)
     assert all(torch.equal(a, b) for a, b in zip(plain, again, strict=True))  # the audited model is untouched
+
+
+def test_dp_fedavg_settings_reach_only_the_dp_fedavg_rows_and_statistics_rows_release_once() -> None:
+    cfg = from_flat({"dataset": "digits", "num-clients": 3}, base=run_preset("quick"))
+    planned = plan_systems(cfg, ["statistics", "fedavg"], [2.0],
+                           {"local-lr": "0.5", "max-grad-norm": "0.1", "local-batch-size": "128"})
+    by_name = {s.name: s.cfg for _, s in planned}
+    assert sorted(by_name) == ["dp-fedavg@eps=2", "dp-statistics@eps=2", "fedavg", "statistics"]
+    tuned = by_name["dp-fedavg@eps=2"]
+    assert (tuned.local_lr, tuned.distill.dp.max_grad_norm, tuned.local_batch_size) == (0.5, 0.1, 128)
+    for name in ("fedavg", "statistics", "dp-statistics@eps=2"):  # plain FedAvg keeps its own recipe
+        assert by_name[name].local_lr == cfg.local_lr and by_name[name].distill.dp.max_grad_norm == 1.0
+    assert by_name["statistics"].summary_kind == by_name["dp-statistics@eps=2"].summary_kind == "statistics"
+    assert by_name["dp-statistics@eps=2"].distill.dp.enabled and not by_name["statistics"].distill.dp.enabled
