@@ -99,7 +99,7 @@ def run_distill(args: argparse.Namespace) -> dict:
     name = method_name(cfg.distill)
     private = name.startswith("dp-")  # a DP run normalises with public constants, not the data's own
     splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed,
-                          public_normalisation=private)
+                          public_normalisation=private or cfg.normalisation == "public")
     check_ipc(splits.train, cfg.distill.ipc)
     out = args.out or Path("runs") / f"{cfg.distill.method}_ipc{cfg.distill.ipc}"
     if out.exists() and not out.is_dir():

@@ -19,7 +19,7 @@ from ddcore.runconfig import KEYS, RUN_PRESETS, RunConfig, check_device, from_fl
 # keys that only act in a federated run (a centralised run accepts and ignores them)
 FEDERATED_KEYS = frozenset(k for k, (section, name) in KEYS.items()
                            if (section == "partition" and name != "seed")
-                           or (section == "run" and name not in ("dataset", "data_dir")))
+                           or (section == "run" and name not in ("dataset", "data_dir", "normalisation")))
 
 
 def add_settings(parser: argparse.ArgumentParser, flags: Mapping[str, str] | Iterable[str] = (), *,
