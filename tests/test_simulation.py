@@ -51,6 +51,12 @@ def test_compare_refuses_bad_input_before_running(tmp_path, capsys) -> None:
     code = compare_main(["--preset", "quick", "--partition", "zipf", "--out", str(out)])
     assert code == 2 and "unknown partition 'zipf'" in capsys.readouterr().err
     assert not out.exists()
+    code = compare_main(["--preset", "quick", "--systems", "distill,pooled", "--out", str(out)])
+    assert code == 2 and "--systems takes distinct names of distill, statistics" in capsys.readouterr().err
+    code = compare_main(["--preset", "quick", "--set", "summary-kind=statistics", "rounds=2",
+                         "--out", str(out)])
+    assert code == 2 and "summary-kind 'statistics' is one release" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.slow
