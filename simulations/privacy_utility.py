@@ -68,7 +68,11 @@ SWEEP_METHODS: dict[str, tuple[str, ...]] = {"fmnist": ("statistics", "fedavg")}
 # DP-FedAvg's local DP-SGD (every DP-FedAvg row, the noise-free one too), chosen on a validation
 # split carved from the training data (python -m simulations.tune_dp_fedavg; README "A fair
 # DP-FedAvg"); --dp-fedavg-set overrides. Presets without an entry use plain FedAvg's local recipe.
-DP_FEDAVG_SETTINGS: dict[str, dict[str, str | int | float]] = {}
+DP_FEDAVG_SETTINGS: dict[str, dict[str, str | int | float]] = {
+    # at epsilon 4, 5 rounds of 1 local epoch, Dirichlet 0.5: validation 69.9% against 65.8-66.1%
+    # for clip 0.1 (lr 0.4 or 2), 66.1% for lr 2 at clip 1 and 42.0% for batch 1024 (README)
+    "fmnist": {"local-batch-size": 256, "max-grad-norm": 1.0, "local-lr": 0.4},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
