@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import sys
 import time
@@ -90,7 +91,8 @@ def markdown(report: dict) -> str:
                  f"{r['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Validation: {report['validation']} records held out of the training split; clients: the "
-              f"rest, partitioned as the run-config says. eps spent, sigma, q and steps are those of the "
+              f"rest, partitioned as the run-config says; {report['points_done']} points measured. "
+              f"eps spent, sigma, q and steps are those of the "
               f"smallest client (the largest Poisson rate). Whole run: {report['seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
@@ -113,7 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     from privacy.dpsgd import fedavg_dpsgd_plan
     from privacy.recipes import fedavg_recipe
 
-    rows, start = [], time.perf_counter()
+    rows: list[dict] = []
+    start = time.perf_counter()
+    part = cfg.partition
+
+    def report() -> dict:
+        ranked = sorted(rows, key=lambda r: -r["val_accuracy"])
+        return {"title": f"DP-FedAvg tuning at epsilon {args.epsilon:g} per client ({cfg.dataset}, "
+                         f"{part.num_partitions} clients, {part.scheme} {part.alpha:g})",
+                "config": recorded_config(args.preset, cfg), "grid": args.grid, "validation": len(val),
+                "points_done": f"{len(rows)} of {len(points)}",
+                "environment": environment(cfg.distill.device),
+                "rows": ranked, "best": ranked[0]["point"], "seconds": time.perf_counter() - start}
+
+    from ddcore.files import atomic_write
+
     for point, c in tqdm(list(zip(points, configs, strict=True)), desc="grid", unit="point", file=sys.stderr):
         t = time.perf_counter()
         out = fedavg_recipe(c)(clients, torch.Generator().manual_seed(c.partition.seed))
@@ -124,14 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                      "sample_rate": worst.sample_rate, "steps": worst.steps,
                      "seconds": time.perf_counter() - t})
         print(f"{point}: validation {100 * rows[-1]['val_accuracy']:.2f}%", file=sys.stderr)
-    rows.sort(key=lambda r: -r["val_accuracy"])
-    part = cfg.partition
-    report = {"title": f"DP-FedAvg tuning at epsilon {args.epsilon:g} per client ({cfg.dataset}, "
-                       f"{part.num_partitions} clients, {part.scheme} {part.alpha:g})",
-              "config": recorded_config(args.preset, cfg), "grid": args.grid, "validation": len(val),
-              "environment": environment(cfg.distill.device), "rows": rows, "best": rows[0]["point"],
-              "seconds": time.perf_counter() - start}
-    write_report(args.out, report, markdown, lambda report, out: None)
+        if len(rows) < len(points):  # a long grid keeps what it measured if it is stopped
+            atomic_write(args.out / "report.json", json.dumps(report(), indent=2, default=str).encode())
+            atomic_write(args.out / "report.md", markdown(report()).encode())
+    write_report(args.out, report(), markdown, lambda report, out: None)
     return 0
 
 

@@ -43,3 +43,25 @@ def test_every_point_runs_the_dp_recipe_and_is_ranked_on_validation(tmp_path) ->
     assert rows[0]["val_accuracy"] >= rows[1]["val_accuracy"] and report["best"] == rows[0]["point"]
     assert all(1.9 <= r["epsilon_spent"] <= 2.0 and r["noise_multiplier"] > 0 for r in rows)
     assert report["validation"] == 300 and "| rank |" in (out / "report.md").read_text()
+    assert report["points_done"] == "2 of 2"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_stopped_grid_keeps_the_points_it_measured(tmp_path, monkeypatch) -> None:
+    import privacy.recipes
+
+    real, calls = privacy.recipes.fedavg_recipe, []
+
+    def recipe_that_stops(cfg):
+        calls.append(cfg)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user stops the grid during its second point
+        return real(cfg)
+
+    monkeypatch.setattr(privacy.recipes, "fedavg_recipe", recipe_that_stops)
+    out = tmp_path / "tune"
+    with pytest.raises(KeyboardInterrupt):
+        main([*TINY, "--epsilon", "2", "--grid", "local-lr=0.01,0.3", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["points_done"] == "1 of 2"
+    assert [r["point"] for r in report["rows"]] == [{"local-lr": "0.01"}]
