@@ -236,7 +236,7 @@ def _fmt(x, digits: int = 3) -> str:
 
 def _row_cells(r: dict) -> list[str]:
     lira = r.get("lira") or {}
-    return [r["method"], "non-DP" if r["epsilon_target"] is None else _fmt(r["epsilon_target"], 0),
+    return [r["method"], "non-DP" if r["epsilon_target"] is None else f"{r['epsilon_target']:g}",
             _fmt(r["epsilon_spent"], 2), _fmt(r["noise_multiplier"], 2), _fmt(r["sample_rate"], 3),
             _fmt(r["steps"]), "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}",
             f"{r['bytes_up'] / 2**20:.2f}", _fmt(r["mia_auc"]), _fmt(r["mia_tpr_at_1pct_fpr"]),
