@@ -87,6 +87,7 @@ def distill_summary(message: Message, context: Context) -> Message:
         from privacy.record import PRIVACY_KEYS
 
         metrics.update({k: summary.meta[k] for k in PRIVACY_KEYS})
+        del metrics["num-examples"]  # the exact size is private under add/remove adjacency; unused here
     resolution = cfg.summary_resolution or None
     content = protocol.summary_content(summary, cfg.summary_dtype, resolution, metrics)
     return Message(content=content, reply_to=message)

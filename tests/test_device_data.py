@@ -155,3 +155,18 @@ def test_the_client_app_refuses_a_mismatched_file_before_distilling(tmp_path, mo
     assert not calls  # refused before any distillation
     reply = ask(save(tmp_path, "ok.npz", x=pixels(23, (8, 8)), y=np.arange(23) % 10))
     assert calls and reply.content[protocol.METRICS]["num-examples"] == 23
+
+
+def test_a_dp_client_reply_carries_its_privacy_record_but_not_its_exact_size(tmp_path) -> None:
+    import privacy.methods  # noqa: F401  (registers dp-dm)
+
+    cfg = from_flat({"dataset": "digits", "num-clients": 1, "ipc": 1, "iterations": 2, "model-width": 8,
+                     "bank-size": 2, "method": "dm", "dp": True, "target-epsilon": 2.0, "delta": 1e-3,
+                     "init": "noise"})
+    context = Context(run_id=1, node_id=1, node_config={"data-path": save(tmp_path, "ok.npz",
+                      x=pixels(23, (8, 8)), y=np.arange(23) % 10), "client-id": 2},
+                      state=RecordDict(), run_config={})
+    metrics = client.app.distill_summary(request(round_config(cfg, run_spec(cfg))), context).content[
+        protocol.METRICS]
+    assert "num-examples" not in metrics  # add/remove adjacency: the size is private
+    assert 1.9 < metrics["epsilon"] <= 2.0 and metrics["images"] == 10
