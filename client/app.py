@@ -29,13 +29,31 @@ _SUMS, _SUMS_META = "exact-sums", "exact-sums-meta"  # node state: this node's n
 _ACCOUNTANT = "dp-accountant"  # node state: DP-FedAvg accountant, spanning every round of the run
 
 
+def _data_key(cfg: RunConfig, context: Context) -> str:
+    """The settings that define this node's data (what node-state caches of it are keyed by)."""
+    return repr((cfg.dataset, cfg.data_dir, cfg.normalisation, cfg.partition, cfg.canaries,
+                 sorted(context.node_config.items())))
+
+
+def _with_privacy(metrics: dict, record: dict, num_examples: int) -> dict:
+    """``metrics`` plus the privacy record of a DP reply, or plus ``num-examples`` without DP.
+
+    A DP reply leaves out the exact number of records: under add/remove adjacency it is private.
+    """
+    if not record.get("dp"):
+        return {**metrics, "num-examples": num_examples}
+    from privacy.record import PRIVACY_KEYS
+
+    return {**metrics, **{k: record[k] for k in PRIVACY_KEYS}}
+
+
 def _local_data(cfg: RunConfig, context: Context, message: Message) -> Dataset:
     """This node's data, kept in the node's ``context.state`` after the first message.
 
     Loading and partitioning take seconds; FedAvg sends a message per round, so the node
     keeps its partition (keyed by the settings that define it) instead of redoing that work.
     """
-    key = repr((cfg.dataset, cfg.data_dir, cfg.partition, cfg.canaries, sorted(context.node_config.items())))
+    key = _data_key(cfg, context)
     if _DATA in context.state and context.state[_DATA_META].get("key") == key:
         arrays, meta = context.state[_DATA], context.state[_DATA_META]
         x, y = (torch.from_numpy(arrays[k].numpy()) for k in ("x", "y"))
@@ -76,18 +94,8 @@ def distill_summary(message: Message, context: Context) -> Message:
     summary = summary.with_meta(**{"client-id": cid, "server-round": server_round})
     if cfg.rounds > 1:
         context.state[_PREVIOUS] = protocol.summary_content(summary, "float32", None, {})[protocol.SUMMARY]
-    metrics = {
-        "num-examples": len(data),
-        "client-id": cid,
-        "distill-seconds": m.seconds,
-        "peak-rss-mb": m.peak_rss_mb,
-        "images": len(summary),
-    }
-    if summary.meta.get("dp"):  # the privacy this summary spent (from the accountant)
-        from privacy.record import PRIVACY_KEYS
-
-        metrics.update({k: summary.meta[k] for k in PRIVACY_KEYS})
-        del metrics["num-examples"]  # the exact size is private under add/remove adjacency; unused here
+    metrics = _with_privacy({"client-id": cid, "distill-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb,
+                             "images": len(summary)}, summary.meta, len(data))
     resolution = cfg.summary_resolution or None
     content = protocol.summary_content(summary, cfg.summary_dtype, resolution, metrics)
     return Message(content=content, reply_to=message)
@@ -103,22 +111,16 @@ def _statistics_reply(message: Message, context: Context, data: Dataset, cfg: Ru
     system of a sweep, at another epsilon) adds fresh noise to them instead of embedding every
     record again; they never leave the node.
     """
-    key = repr((cfg.dataset, cfg.data_dir, cfg.partition, cfg.canaries, cfg.distill.model,
-                cfg.distill.bank_size, cfg.distill.bank_seed, cfg.distill.bank_augment, num_classes,
-                sorted(context.node_config.items())))
+    key = repr((_data_key(cfg, context), cfg.distill.model, cfg.distill.bank_size, cfg.distill.bank_seed,
+                cfg.distill.bank_augment, num_classes))
     exact = None
     if _SUMS in context.state and context.state[_SUMS_META].get("key") == key:
         exact = tuple(torch.from_numpy(context.state[_SUMS][k].numpy()) for k in ("sums", "counts"))
     arrays, meta, m, exact = release_statistics(data, cfg, num_classes, seed, exact)
     context.state[_SUMS] = ArrayRecord({"sums": Array(exact[0].numpy()), "counts": Array(exact[1].numpy())})
     context.state[_SUMS_META] = ConfigRecord({"key": key})
-    metrics = {"client-id": cid, "distill-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb, "images": 0}
-    if meta["dp"]:
-        from privacy.record import PRIVACY_KEYS
-
-        metrics.update({k: meta[k] for k in PRIVACY_KEYS})
-    else:
-        metrics["num-examples"] = len(data)
+    metrics = _with_privacy({"client-id": cid, "distill-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb,
+                             "images": 0}, meta, len(data))
     content = RecordDict({protocol.SUMMARY: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                           protocol.META: ConfigRecord({**meta, "client-id": cid}),
                           protocol.METRICS: MetricRecord(metrics)})

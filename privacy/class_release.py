@@ -46,6 +46,12 @@ class ClassStatistics:
     sums: torch.Tensor
     counts: torch.Tensor
 
+    @staticmethod
+    def total(releases: list[ClassStatistics]) -> ClassStatistics:
+        """The sum of ``releases``, added in float64 (so the order they arrive in does not move it)."""
+        return ClassStatistics(sum(r.sums.double() for r in releases).float(),
+                               sum(r.counts.double() for r in releases).float())
+
     def __add__(self, other: ClassStatistics) -> ClassStatistics:
         """The statistics of two disjoint datasets together (what a server would aggregate)."""
         return ClassStatistics(self.sums + other.sums, self.counts + other.counts)
@@ -60,6 +66,12 @@ def norm_split(max_norm: float, dim: int) -> tuple[float, float]:
     ratio = dim ** -0.25
     a = max_norm / math.sqrt(1 + ratio * ratio)
     return a, a * ratio
+
+
+def _check_noise(max_norm: float, noise_multiplier: float) -> None:
+    if not (max_norm > 0 and math.isfinite(max_norm)) or noise_multiplier < 0:
+        raise InvalidPrivacyParameterError(f"need a finite max_norm > 0 and noise_multiplier >= 0, got "
+                                           f"{max_norm}, {noise_multiplier}")
 
 
 def class_sums(bank: EmbeddingBank, data: Dataset,
@@ -87,9 +99,7 @@ def class_sums(bank: EmbeddingBank, data: Dataset,
 def noisy_release(sums: torch.Tensor, counts: torch.Tensor, *, max_norm: float, noise_multiplier: float,
                   generator: torch.Generator) -> ClassStatistics:
     """The one Gaussian release of exact ``sums`` and ``counts`` (see the module docstring)."""
-    if not (max_norm > 0 and math.isfinite(max_norm)) or noise_multiplier < 0:
-        raise InvalidPrivacyParameterError(f"need a finite max_norm > 0 and noise_multiplier >= 0, got "
-                                           f"{max_norm}, {noise_multiplier}")
+    _check_noise(max_norm, noise_multiplier)
     a, b = norm_split(max_norm, sums.shape[1])
     release = torch.cat([a * sums, b * counts[:, None]], dim=1)  # (K, D + 1), sensitivity C
     (release,) = add_noise([release], noise_multiplier * max_norm, generator)  # the one release
@@ -119,9 +129,7 @@ def release_class_statistics(
     generator
         The noise's only source.
     """
-    if not (max_norm > 0 and math.isfinite(max_norm)) or noise_multiplier < 0:  # before any embedding
-        raise InvalidPrivacyParameterError(f"need a finite max_norm > 0 and noise_multiplier >= 0, got "
-                                           f"{max_norm}, {noise_multiplier}")
+    _check_noise(max_norm, noise_multiplier)  # before any embedding
     sums, counts = class_sums(bank, data, batch_size)
     return noisy_release(sums, counts, max_norm=max_norm, noise_multiplier=noise_multiplier,
                          generator=generator)

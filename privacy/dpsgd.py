@@ -14,11 +14,12 @@ from ddcore.runconfig import RunConfig
 from privacy.accounting import Accountant, DPPlan
 from privacy.errors import PrivacyError
 from privacy.mechanisms import add_noise, clipped_sum, grad_sample_module, per_sample_gradients, poisson_mask
+from privacy.record import ACCOUNTANT
 
 
 def dpsgd_plan(*, num_examples: int, batch_size: int, epochs_per_round: int, rounds: int,
                target_epsilon: float, delta: float, max_grad_norm: float,
-               accountant: str = "rdp") -> DPPlan:
+               accountant: str = ACCOUNTANT) -> DPPlan:
     """Calibrate sigma so that ``rounds`` rounds of local DP-SGD spend ``target_epsilon`` in total.
 
     Each round runs ``epochs_per_round * ceil(n / batch_size)`` steps at sample rate

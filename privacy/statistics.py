@@ -78,18 +78,17 @@ def release(data: Dataset, bank: EmbeddingBank, cfg: DistillConfig, generator: t
     """
     meta: dict = {"kind": KIND, **bank_meta(cfg), "normalisation": "public"}
     dp = cfg.dp
-    if not dp.enabled:
-        sums, counts = exact if exact is not None else public_sums(data, bank)
-        stats = noisy_release(sums, counts, max_norm=dp.max_grad_norm, noise_multiplier=0.0,
-                              generator=generator)
-        return stats, {**meta, "dp": False}
-    plan = release_plan(target_epsilon=dp.target_epsilon, delta=dp.delta, max_norm=dp.max_grad_norm,
-                        num_examples=len(data))
-    if math.isinf(plan.target_epsilon):
-        logger.warning("target epsilon is inf: releasing the class statistics without noise - NO privacy")
+    plan = None
+    if dp.enabled:  # the budget is checked before any record is embedded
+        plan = release_plan(target_epsilon=dp.target_epsilon, delta=dp.delta, max_norm=dp.max_grad_norm,
+                            num_examples=len(data))
+        if math.isinf(plan.target_epsilon):
+            logger.warning("target epsilon is inf: releasing the class statistics without noise - NO privacy")
     sums, counts = exact if exact is not None else public_sums(data, bank)
-    stats = noisy_release(sums, counts, max_norm=plan.max_grad_norm, noise_multiplier=plan.noise_multiplier,
-                          generator=generator)
+    stats = noisy_release(sums, counts, max_norm=dp.max_grad_norm,
+                          noise_multiplier=plan.noise_multiplier if plan else 0.0, generator=generator)
+    if plan is None:
+        return stats, {**meta, "dp": False}
     accountant = SingleReleaseAccountant()
     accountant.step(noise_multiplier=plan.noise_multiplier)
     return stats, {**meta, "dp": True, "accountant": accountant.name, **privacy_record(plan, accountant)}

@@ -153,12 +153,15 @@ class DistillStrategy(Strategy):
         """Images a client's accepted reply carried (the ledger's ``images``)."""
         return len(summary)
 
-    def _check(self, content: RecordDict) -> Summary:
+    def _check(self, content: RecordDict):
         for key in (protocol.SUMMARY, protocol.META, protocol.METRICS):
             if key not in content:
                 raise SummaryError(f"reply lacks the {key!r} record")
-        arrays = protocol.content_arrays(content[protocol.SUMMARY])
-        return validate(arrays, dict(content[protocol.META]), self.limits)
+        return self._decode(protocol.content_arrays(content[protocol.SUMMARY]), dict(content[protocol.META]))
+
+    def _decode(self, arrays: dict, meta: dict) -> Summary:
+        """The checked summary a reply's arrays and meta carry (:func:`server.validation.validate`)."""
+        return validate(arrays, meta, self.limits)
 
     def pooled(self) -> Summary:
         """All accepted summaries pooled into one training set, in client-id order.
@@ -214,29 +217,23 @@ class StatisticsStrategy(DistillStrategy):
     def images_sent(summary: object) -> int:
         return 0
 
-    def _check(self, content: RecordDict):  # type: ignore[override]
+    def _decode(self, arrays: dict, meta: dict):  # type: ignore[override]
         from privacy.statistics import read_statistics
 
-        for key in (protocol.SUMMARY, protocol.META, protocol.METRICS):
-            if key not in content:
-                raise SummaryError(f"reply lacks the {key!r} record")
-        arrays = protocol.content_arrays(content[protocol.SUMMARY])
-        return read_statistics(arrays, dict(content[protocol.META]), self.cfg.distill,
-                               num_classes=self.spec.num_classes, dim=self.dim)
+        return read_statistics(arrays, meta, self.cfg.distill, num_classes=self.spec.num_classes,
+                               dim=self.dim)
 
     def pooled(self) -> Summary:
         """The global summary distilled from the sum of every accepted release (computed once per pool)."""
         from ddcore.data import public_constants
         from privacy.class_release import ClassStatistics
         from privacy.methods.dp_dm import LR_IMAGES, in_normalisation
-        from privacy.statistics import synthesise
+        from privacy.statistics import bank_meta, synthesise
 
         key = tuple(sorted(self.pool))
         if self._global is not None and self._global[0] == key:
             return self._global[1]
-        releases = [self.pool[node] for node in key]
-        total = ClassStatistics(sum(r.sums.double() for r in releases).float(),
-                                sum(r.counts.double() for r in releases).float())
+        total = ClassStatistics.total([self.pool[node] for node in key])
         c, h, w = self.spec.image_shape
         mean, std = public_constants(c)
         empty = torch.empty((0, c, h, w))
@@ -247,9 +244,8 @@ class StatisticsStrategy(DistillStrategy):
         generator = torch.Generator().manual_seed(self.cfg.distill.seed * 7_919 + len(key))
         summary = synthesise(total, self.bank, self.cfg.distill, public, generator,
                              lr=self.cfg.distill.lr_or(LR_IMAGES))
-        summary = in_normalisation(summary, public, run).with_meta(
-            method="statistics", clients=len(key), **{"bank-size": self.cfg.distill.bank_size,
-                                                      "bank-seed": self.cfg.distill.bank_seed})
+        summary = in_normalisation(summary, public, run).with_meta(method="statistics", clients=len(key),
+                                                                   **bank_meta(self.cfg.distill))
         self._global = (key, summary)
         return summary
 

@@ -17,7 +17,7 @@ from ddcore.errors import ConfigError
 from ddcore.methods.base import check_ipc
 from ddcore.partition import partition_indices
 from ddcore.runconfig import RunConfig, check_device, from_flat, run_preset, run_splits, to_flat
-from ddcore.settings import add_settings, given, settings_from_args
+from ddcore.settings import add_settings, given
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -132,9 +132,7 @@ def run_config(args: argparse.Namespace, driver: dict | None = None) -> RunConfi
     ``driver``: flat keys the driver changes in the preset (its own budget); the command line's
     flags and ``--set`` still override them.
     """
-    if not driver:
-        return settings_from_args(args, RUN_FLAGS)
-    base = from_flat(driver, base=run_preset(args.preset))
+    base = from_flat(driver or {}, base=run_preset(args.preset))
     return check_device(from_flat(given(args, RUN_FLAGS), base=base))
 
 

@@ -58,6 +58,11 @@ METHODS = ("gm", "gm-psg", "dm", "statistics", "fedavg")
 # afford 1,000 per client here.
 PSG_SETTINGS: dict[str, str | int | float] = {"method": "gm", "max-grad-norm": 0.1, "batch-real": 3,
                                               "iterations": 1000, "lr-images": 0.1, "outer-loop": 10}
+# the run-config keys that make each method's system
+METHOD_SETTINGS: dict[str, dict[str, str | int | float]] = {
+    "gm": {"method": "gm"}, "gm-psg": PSG_SETTINGS, "dm": {"method": "dm"},
+    "statistics": {"summary-kind": "statistics"}, "fedavg": {},
+}
 DEFAULT_METHODS = ("gm", "dm", "fedavg")
 # What the sweep changes in a preset (under the command line's flags and --set), and its default
 # methods there. On the full Fashion-MNIST one DP-GM or pooled DP-DM row costs 5-10 minutes of
@@ -130,12 +135,7 @@ def plan_systems(cfg: RunConfig, methods: list[str], epsilons: list[float],
     out = []
     for method in methods:
         kind = "fedavg" if method == "fedavg" else "distill"
-        if method == "statistics":
-            base = from_flat({"summary-kind": "statistics"}, base=plain)
-        elif method == "gm-psg":
-            base = from_flat(PSG_SETTINGS, base=plain)
-        else:
-            base = plain if kind == "fedavg" else from_flat({"method": method}, base=plain)
+        base = from_flat(METHOD_SETTINGS[method], base=plain)
         out.append(({"method": method, "dp": False, "epsilon_target": None}, System(method, kind, base)))
         dp_base = from_flat(dp_fedavg, base=base) if method == "fedavg" and dp_fedavg else base
         for eps in epsilons:

@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                      "seconds": time.perf_counter() - t})
         print(f"{point}: validation {100 * rows[-1]['val_accuracy']:.2f}%", file=sys.stderr)
         if len(rows) < len(points):  # a long grid keeps what it measured if it is stopped
-            atomic_write(args.out / "report.json", json.dumps(report(), indent=2, default=str).encode())
-            atomic_write(args.out / "report.md", markdown(report()).encode())
+            partial = report()
+            atomic_write(args.out / "report.json", json.dumps(partial, indent=2, default=str).encode())
+            atomic_write(args.out / "report.md", markdown(partial).encode())
     write_report(args.out, report(), markdown, lambda report, out: None)
     return 0
 
