@@ -10,7 +10,9 @@ from flwr.app import Context, RecordDict
 
 from client.app import dp_fedavg_round
 from client.task import client_seed, dp_fedavg_local, fedavg_local
-from ddcore.models import build_model
+from ddcore.data import Dataset
+from ddcore.errors import ConfigError
+from ddcore.models import ModelSpec, build_model
 from ddcore.partition import partition_indices
 from ddcore.runconfig import from_flat
 from ddcore.train import evaluate
@@ -103,3 +105,27 @@ def test_dp_fedavg_at_infinite_epsilon_matches_plain_fedavg(digits) -> None:
     # 0-4 gave 0.89-0.93 at most 0.031 apart, and plain FedAvg alone spreads over 0.03-0.04
     # between seeds, so 0.05 is about its own noise (chance is 0.1)
     assert min(accuracy) > 0.5 and abs(accuracy[0] - accuracy[1]) < 0.05, accuracy
+
+
+
+def test_dpcnn_is_the_dp_sgd_literatures_network_and_learns_under_dp_sgd() -> None:
+    spec = ModelSpec(name="dpcnn")
+    net = build_model(spec, (1, 28, 28), 10, torch.Generator().manual_seed(0))
+    assert sum(p.numel() for p in net.parameters()) == 26_010  # Papernot et al.'s / Tramer & Boneh's CNN
+    assert any(isinstance(m, torch.nn.Tanh) for m in net.modules())
+    colour = build_model(spec, (3, 32, 32), 10, torch.Generator())
+    assert colour.embed(torch.zeros(2, 3, 32, 32)).shape == (2, 32)
+    with pytest.raises(ConfigError, match="at least 16x16, got 8x8"):
+        build_model(spec, (1, 8, 8), 10, torch.Generator())
+    # two separable classes (bright vs dark images): one DP-FedAvg client's DP-SGD learns them
+    y = torch.arange(400) % 2
+    noise = 0.3 * torch.randn(400, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    data = Dataset(x=(y.float() - 0.5).view(-1, 1, 1, 1) + noise, y=y, num_classes=2, mean=(0.0,), std=(1.0,),
+                   name="bright-dark")
+    cfg = from_flat({**FLAT, "model": "dpcnn", "model-width": 8, "fedavg-rounds": 1, "local-epochs": 3,
+                     "local-lr": 0.5, "train-dsa-strategy": "none", "target-epsilon": 8.0})
+    model = build_model(cfg.distill.model, (1, 16, 16), 2, torch.Generator().manual_seed(0))
+    before = evaluate(model, data)["accuracy"]
+    state, *_ = dp_fedavg_local(data, cfg, 2, model.state_dict(), seed=0, accountant=Accountant())
+    model.load_state_dict(state)
+    assert evaluate(model, data)["accuracy"] > max(0.9, before)

@@ -127,3 +127,15 @@ def test_dp_fedavg_settings_reach_only_the_dp_fedavg_rows_and_statistics_rows_re
         assert by_name[name].local_lr == cfg.local_lr and by_name[name].distill.dp.max_grad_norm == 1.0
     assert by_name["statistics"].summary_kind == by_name["dp-statistics@eps=2"].summary_kind == "statistics"
     assert by_name["dp-statistics@eps=2"].distill.dp.enabled and not by_name["statistics"].distill.dp.enabled
+
+
+def test_the_presets_fedavg_settings_reach_every_fedavg_row_and_no_other() -> None:
+    cfg = from_flat({"dataset": "digits", "num-clients": 3}, base=run_preset("quick"))
+    planned = plan_systems(cfg, ["statistics", "fedavg"], [2.0, math.inf], {"local-lr": "0.5"},
+                           {"model": "dpcnn", "fedavg-rounds": "4"})
+    by_name = {s.name: s.cfg for _, s in planned}
+    for name in ("fedavg", "dp-fedavg@eps=2", "dp-fedavg@eps=inf"):  # plain FedAvg: the DP rows' network
+        assert (by_name[name].distill.model.name, by_name[name].fedavg_rounds) == ("dpcnn", 4)
+    assert by_name["fedavg"].local_lr == cfg.local_lr and by_name["dp-fedavg@eps=inf"].local_lr == 0.5
+    for name in ("statistics", "dp-statistics@eps=2"):
+        assert by_name[name].distill.model.name == "convnet"
