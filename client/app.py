@@ -155,18 +155,26 @@ def fedavg_update(message: Message, context: Context) -> Message:
     data = _local_data(cfg, context, message)
     state = message.content[protocol.ARRAYS].to_torch_state_dict()
     seed = client_seed(cfg, cid, server_round)
-    metrics: dict[str, int | float] = {}
     if cfg.distill.dp.enabled:
-        new_state, loss, m, metrics = dp_fedavg_round(data, cfg, num_classes, state, seed, context)
+        new_state, loss, m, record = dp_fedavg_round(data, cfg, num_classes, state, seed, context)
     else:
-        new_state, loss, m = fedavg_local(data, cfg, num_classes, state, seed)
-    content = RecordDict(
-        {
-            protocol.ARRAYS: ArrayRecord(new_state),
-            protocol.METRICS: MetricRecord(
-                {"num-examples": len(data), "client-id": cid, "train-loss": loss,
-                 "train-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb, **metrics}
-            ),
-        }
-    )
+        (new_state, loss, m), record = fedavg_local(data, cfg, num_classes, state, seed), {}
+    metrics = fedavg_reply_metrics(cid, len(data), loss, m, record)
+    content = RecordDict({protocol.ARRAYS: ArrayRecord(new_state), protocol.METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=message)
+
+
+def fedavg_reply_metrics(cid: int, num_examples: int, loss: float, m: Measurement,
+                         record: dict) -> dict[str, int | float]:
+    """The metrics of a FedAvg reply; a DP reply (``record`` non-empty) carries no training loss.
+
+    The loss is computed from the private records with no noise, so a DP reply leaves it out.
+    A DP reply keeps ``num-examples``, which FedAvg's example-weighted mean needs: under DP-SGD
+    as Opacus and the literature account it, the record count is public - the privacy record
+    already carries the Poisson rate ``sample-rate = local-batch-size / num-examples`` - so the
+    count reveals nothing the accounting does not assume known. (DP image summaries have no such
+    rate and leave the count out, see ``_with_privacy``.)
+    """
+    metrics: dict[str, int | float] = {"num-examples": num_examples, "client-id": cid,
+                                       "train-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb}
+    return {**metrics, **record} if record else {**metrics, "train-loss": loss}

@@ -170,3 +170,26 @@ def test_a_dp_client_reply_carries_its_privacy_record_but_not_its_exact_size(tmp
         protocol.METRICS]
     assert "num-examples" not in metrics  # add/remove adjacency: the size is private
     assert 1.9 < metrics["epsilon"] <= 2.0 and metrics["images"] == 10
+
+
+def test_a_dp_fedavg_reply_carries_no_training_loss_and_a_plain_one_does(tmp_path) -> None:
+    from flwr.app import ArrayRecord
+
+    from ddcore.models import build_model
+
+    path = save(tmp_path, "ok.npz", x=pixels(40, (8, 8)), y=np.arange(40) % 10)
+    replies = {}
+    for dp in (False, True):
+        cfg = from_flat({"dataset": "digits", "num-clients": 1, "model": "mlp", "model-width": 8,
+                         "fedavg-rounds": 1, "local-batch-size": 8, "dp": dp, "target-epsilon": 2.0,
+                         "delta": 1e-3})
+        model = build_model(cfg.distill.model, (1, 8, 8), 10, torch.Generator().manual_seed(0))
+        message = request(round_config(cfg, run_spec(cfg)))
+        message.content[protocol.ARRAYS] = ArrayRecord(model.state_dict())
+        context = Context(run_id=1, node_id=1, node_config={"data-path": path, "client-id": 2},
+                          state=RecordDict(), run_config={})
+        replies[dp] = client.app.fedavg_update(message, context).content[protocol.METRICS]
+    assert "train-loss" in replies[False] and "train-loss" not in replies[True]  # noise-free statistic
+    assert 0 < replies[True]["epsilon"] <= 2.0
+    assert replies[True]["num-examples"] == 40  # public under the accounting: sample-rate = 8 / 40
+    assert replies[True]["sample-rate"] == pytest.approx(8 / 40)
