@@ -30,6 +30,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -147,8 +148,10 @@ def train_global(cfg: RunConfig, pooled, test: Dataset) -> torch.nn.Module:
     return train_model(model, pooled.images, pooled.labels, cfg.train, generator).cpu().eval()
 
 
-def fedavg_points(cfg: RunConfig, clients: list[Dataset], test: Dataset) -> list[dict]:
-    """FedAvg over every client, one point per round (cumulative uploaded bytes, accuracy)."""
+def fedavg_points(cfg: RunConfig, clients: list[Dataset], test: Dataset,
+                  on_round: Callable[[int], None] | None = None) -> list[dict]:
+    """FedAvg over every client, one point per round (cumulative uploaded bytes, accuracy);
+    ``on_round(r)`` is called as round r starts (progress)."""
     from flwr.app import ArrayRecord
 
     from client.task import client_seed, fedavg_local
@@ -161,6 +164,8 @@ def fedavg_points(cfg: RunConfig, clients: list[Dataset], test: Dataset) -> list
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sent, points, start = 0, [], time.perf_counter()
     for server_round in range(1, cfg.fedavg_rounds + 1):
+        if on_round is not None:
+            on_round(server_round)
         states = [fedavg_local(data, cfg, test.num_classes, state, client_seed(cfg, cid, server_round))[0]
                   for cid, data in enumerate(clients)]
         sent += sum(ArrayRecord(s).count_bytes() for s in states)
@@ -231,15 +236,17 @@ def markdown(report: dict) -> str:
             lines.append(f"| {row['budget_bytes'] / 2**20:.3g} | **{label(best)}: "
                          f"{100 * best['accuracy']:.2f}** | {_cell(row['distill'])} | "
                          f"{_cell(row['random_real'])} | {_cell(row['fedavg'])} |")
-        lines += ["", "| system | dtype | IPC / round | images | uploaded (MiB) | acc (%) | seconds |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "| system | dtype | IPC / round | images | uploaded (MiB) | acc (%) | client s (both "
+                  "dtypes) / FedAvg s so far | server training s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for p in part["points"]:
             if p["family"] == "fedavg" and p["round"] not in (1, 2, 5, 10, 20, 30, 50, cfg["fedavg-rounds"]):
                 continue
-            seconds = p.get("seconds", p.get("client_seconds", 0) + p.get("train_seconds", 0))
+            work = p.get("seconds", p.get("client_seconds"))
+            train = f"{p['train_seconds']:.0f}" if "train_seconds" in p else "-"
             where = p.get("ipc", p.get("round"))
             lines.append(f"| {p['system']} | {p['dtype']} | {where} | {p.get('images', '-')} | "
-                         f"{p['bytes_up'] / 2**20:.3f} | {100 * p['accuracy']:.2f} | {seconds:.0f} |")
+                         f"{p['bytes_up'] / 2**20:.3f} | {100 * p['accuracy']:.2f} | {work:.0f} | {train} |")
         lines.append("")
     env = report["environment"]
     lines.append(f"Wall time {report['seconds'] / 60:.1f} min ({env['cpu_count']} CPUs, "
@@ -326,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                     bar.set_postfix_str(f"{part.name} {system} ipc {ipc}")
                     points += summary_points(run, system, clients, splits.test, ipc)
                     bar.update()
-            bar.set_postfix_str(f"{part.name} fedavg {run.fedavg_rounds} rounds")
-            points += fedavg_points(run, clients, splits.test) if run.fedavg_rounds else []
+            def show(r: int, name: str = part.name, total: int = run.fedavg_rounds) -> None:
+                bar.set_postfix_str(f"{name} fedavg round {r}/{total}")
+
+            points += fedavg_points(run, clients, splits.test, show)
             bar.update()
             entry = {"name": part.name, "clients": part.spec.num_partitions, "scheme": part.spec.scheme,
                      "alpha": part.spec.alpha, "classes_per_client": part.spec.classes_per_client,
