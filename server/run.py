@@ -87,11 +87,16 @@ def run_distillation(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "dis
     return SystemResult(name, ledger, time.perf_counter() - start, cfg.rounds, pooled, _state(result.arrays))
 
 
+def initial_model(cfg: RunConfig, test: Dataset) -> torch.nn.Module:
+    """FedAvg's initial global model, seeded with the run's partition seed (on the CPU)."""
+    return build_model(cfg.distill.model, test.image_shape, test.num_classes,
+                       torch.Generator().manual_seed(cfg.partition.seed), "cpu")
+
+
 def run_fedavg(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "fedavg") -> SystemResult:
     """Flower's FedAvg with the same model, partitions and evaluation."""
     ledger = Ledger()
-    model = build_model(cfg.distill.model, test.image_shape, test.num_classes,
-                        torch.Generator().manual_seed(cfg.partition.seed), "cpu")
+    model = initial_model(cfg, test)
     strategy = CountingFedAvg(cfg, ledger)
     start = time.perf_counter()
     result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg.fedavg_rounds,

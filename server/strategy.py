@@ -142,7 +142,7 @@ class DistillStrategy(Strategy):
         start = time.perf_counter()
         pooled = self.pooled()
         pool_seconds = time.perf_counter() - start
-        model = self.train_global(pooled, seed=self.cfg.partition.seed * 1009 + server_round)
+        model = self.train_global(pooled, seed=global_seed(self.cfg, server_round))
         log(INFO, "aggregate_train: %d summaries accepted, %d pooled images", accepted, len(pooled))
         metrics = MetricRecord({"pooled-images": len(pooled), "accepted": accepted,
                                 "pool-seconds": pool_seconds})
@@ -174,10 +174,7 @@ class DistillStrategy(Strategy):
 
     def train_global(self, pooled: Summary, seed: int) -> torch.nn.Module:
         """Train a fresh global model on the pooled summaries."""
-        generator = torch.Generator().manual_seed(seed)
-        model = build_model(self.cfg.distill.model, self.limits.image_shape, self.limits.num_classes,
-                            generator, self.cfg.distill.device)
-        return train_model(model, pooled.images, pooled.labels, self.cfg.train, generator)
+        return train_global(self.cfg, pooled, self.limits.image_shape, self.limits.num_classes, seed)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -248,6 +245,19 @@ class StatisticsStrategy(DistillStrategy):
                                                                    **bank_meta(self.cfg.distill))
         self._global = (key, summary)
         return summary
+
+
+def global_seed(cfg: RunConfig, server_round: int) -> int:
+    """The seed of the global model the server trains on the pool in ``server_round``."""
+    return cfg.partition.seed * 1009 + server_round
+
+
+def train_global(cfg: RunConfig, pooled: Summary, image_shape: tuple[int, ...], num_classes: int,
+                 seed: int) -> torch.nn.Module:
+    """A fresh global model (initialised from ``seed``) trained on ``pooled`` with ``cfg.train``."""
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model(cfg.distill.model, image_shape, num_classes, generator, cfg.distill.device)
+    return train_model(model, pooled.images, pooled.labels, cfg.train, generator)
 
 
 class CountingFedAvg(FedAvg):

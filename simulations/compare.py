@@ -22,6 +22,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ddcore.config import DistillConfig
 from ddcore.errors import ConfigError
 from ddcore.files import environment
 from ddcore.methods.options import without_options
@@ -55,13 +56,18 @@ def parse_systems(text: str) -> list[str]:
     return names
 
 
+def random_real_config(distill: DistillConfig) -> DistillConfig:
+    """``distill`` as the random-real baseline: random real images, hard labels, no image options."""
+    return without_options(replace(distill, method="random_real", factorised=False))
+
+
 def plan_systems(cfg: RunConfig, names: list[str]) -> list[System]:
     """The systems ``names`` of :data:`SYSTEMS` on ``cfg``'s partitions."""
-    plain = without_options(replace(cfg.distill, method="random_real", factorised=False))  # hard labels
     by_name = {
         "distill": System("distill", "distill", cfg),
         "statistics": System("statistics", "distill", replace(cfg, summary_kind="statistics")),
-        "random_real": System("random_real", "distill", replace(cfg, distill=plain, summary_kind="images")),
+        "random_real": System("random_real", "distill",
+                              replace(cfg, distill=random_real_config(cfg.distill), summary_kind="images")),
         "fedavg": System("fedavg", "fedavg", replace(cfg, summary_kind="images")),
     }
     return [by_name[n] for n in names if n != "fedavg" or cfg.fedavg_rounds > 0]

@@ -33,7 +33,7 @@ from ddcore.settings import add_settings, settings_from_args
 from ddcore.summary import STORED_DTYPES, Summary, concat
 from ddcore.train import evaluate
 from server.ledger import Ledger
-from server.strategy import DistillStrategy
+from server.strategy import DistillStrategy, global_seed
 from server.validation import SummaryLimits, validate
 from simulations.common import check_partitions, fail, recorded_config
 
@@ -101,7 +101,7 @@ def profile_forms(cfg: RunConfig, splits: DataSplits, summaries: list[Summary], 
             encode = (time.perf_counter() - start) / len(summaries)
             decoded = [validate(protocol.content_arrays(c[protocol.SUMMARY]), dict(c[protocol.META]), limits)
                        for c in contents]
-            model = server.train_global(concat(decoded, test.num_classes), seed=cfg.partition.seed * 1009 + 1)
+            model = server.train_global(concat(decoded, test.num_classes), seed=global_seed(cfg, 1))
             result = evaluate(model, test)
             rows.append({
                 "dtype": dtype, "resolution": res or full,

@@ -109,16 +109,18 @@ def summary_points(cfg: RunConfig, system: str, clients: list[Dataset], test: Da
     """One distillation-kind system at one IPC: its float32 and uint8 points."""
     from client import protocol
     from client.task import client_seed, distill_local
-    from ddcore.methods.options import without_options
-    from ddcore.summary import Summary, concat
+    from ddcore.summary import concat
     from ddcore.train import evaluate
+    from server.strategy import global_seed, train_global
+    from server.validation import SummaryLimits, validate
+    from simulations.compare import random_real_config
 
     num_classes = test.num_classes
+    limits = SummaryLimits.for_data(test.image_shape, num_classes, cfg.max_images, test.pixel_bounds())
     distill = replace(cfg.distill, ipc=ipc)
-    if system == "random_real":
-        distill = without_options(replace(distill, method="random_real", factorised=False))
-    run = replace(cfg, distill=distill)
+    run = replace(cfg, distill=random_real_config(distill) if system == "random_real" else distill)
     start = time.perf_counter()
+    # the meta carries the client id, as a Flower client's reply does (its bytes count)
     summaries = [distill_local(data, run, num_classes, seed=client_seed(run, cid, 1))[0].with_meta(
         **{"client-id": cid}) for cid, data in enumerate(clients)]
     client_seconds = time.perf_counter() - start
@@ -126,26 +128,16 @@ def summary_points(cfg: RunConfig, system: str, clients: list[Dataset], test: Da
     for dtype in DTYPES:
         contents = [protocol.summary_content(s, dtype, None, {}) for s in summaries]
         sent = sum(protocol.content_bytes(c) for c in contents)
-        decoded = [Summary.from_arrays(protocol.content_arrays(c[protocol.SUMMARY]), dict(c[protocol.META]))
-                   for c in contents]
+        decoded = [validate(protocol.content_arrays(c[protocol.SUMMARY]), dict(c[protocol.META]), limits)
+                   for c in contents]  # the server's checks and decoding
         pooled = concat(decoded, num_classes)
         start = time.perf_counter()
-        model = train_global(run, pooled, test)
+        model = train_global(run, pooled, test.image_shape, num_classes, global_seed(run, 1)).cpu().eval()
         points.append({"system": system if system == "random_real" else run.distill.method, "family": system,
                        "dtype": dtype, "ipc": ipc, "images": len(pooled), "bytes_up": sent,
                        "accuracy": evaluate(model, test)["accuracy"], "client_seconds": client_seconds,
                        "train_seconds": time.perf_counter() - start})
     return points
-
-
-def train_global(cfg: RunConfig, pooled, test: Dataset) -> torch.nn.Module:
-    """A fresh global model trained on ``pooled`` with the server's recipe and seed (round 1)."""
-    from ddcore.models import build_model
-    from ddcore.train import train_model
-
-    generator = torch.Generator().manual_seed(cfg.partition.seed * 1009 + 1)
-    model = build_model(cfg.distill.model, test.image_shape, test.num_classes, generator, cfg.distill.device)
-    return train_model(model, pooled.images, pooled.labels, cfg.train, generator).cpu().eval()
 
 
 def fedavg_points(cfg: RunConfig, clients: list[Dataset], test: Dataset,
@@ -155,12 +147,11 @@ def fedavg_points(cfg: RunConfig, clients: list[Dataset], test: Dataset,
     from flwr.app import ArrayRecord
 
     from client.task import client_seed, fedavg_local
-    from ddcore.models import build_model
     from ddcore.train import evaluate
     from privacy.recipes import average
+    from server.run import initial_model
 
-    model = build_model(cfg.distill.model, test.image_shape, test.num_classes,
-                        torch.Generator().manual_seed(cfg.partition.seed), "cpu")
+    model = initial_model(cfg, test)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sent, points, start = 0, [], time.perf_counter()
     for server_round in range(1, cfg.fedavg_rounds + 1):
