@@ -10,7 +10,8 @@ import torch
 from ddcore.augment import AUTO, apply, resolve, sample_params
 from ddcore.config import DistillConfig, TrainConfig
 from ddcore.data import Dataset
-from ddcore.methods import distill
+from ddcore.methods import distill, dm, gm
+from ddcore.methods.base import ClassIndex, sgd_image_step
 from ddcore.models import ModelSpec, build_model, model_factory
 from ddcore.train import train_and_evaluate
 
@@ -30,12 +31,18 @@ def prototypes(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
 def noisy_classes(shape: tuple[int, int, int], n_per_class: int, seed: int) -> Dataset:
     """Each image is its class prototype under heavy pixel noise: one image says little, the
     class mean says everything - the regime where a distilled image should beat a real one.
-    The noise grows with the side, so a larger image is not simply easier."""
+    The noise grows with the side, so a larger image is not simply easier. Pixels are
+    normalised per channel to mean 0 and std 1 (with the generating distribution's moments), as
+    :func:`ddcore.data.load_dataset` leaves every real dataset."""
     g = torch.Generator().manual_seed(seed)
     protos = prototypes(shape)
     y = torch.arange(CLASSES).repeat_interleave(n_per_class)
-    x = protos[y] + 1.5 * shape[1] / 8 * torch.randn((len(y), *shape), generator=g)
-    return Dataset(x, y, CLASSES, (0.5,) * shape[0], (0.2,) * shape[0], f"noisy{shape[1]}x{shape[2]}")
+    noise = 1.5 * shape[1] / 8
+    x = protos[y] + noise * torch.randn((len(y), *shape), generator=g)
+    mean = protos.mean(dim=(0, 2, 3), keepdim=True)  # (1, C, 1, 1): moments of the mixture
+    std = (protos.var(dim=(0, 2, 3), unbiased=False, keepdim=True) + noise ** 2).sqrt()
+    name = f"noisy{shape[1]}x{shape[2]}"
+    return Dataset((x - mean) / std, y, CLASSES, (0.5,) * shape[0], (0.2,) * shape[0], name)
 
 
 def test_auto_strategy_follows_size_and_channels() -> None:
@@ -70,13 +77,84 @@ def test_convnet_keeps_at_least_two_by_two_features(shape) -> None:
     assert features.shape[1] == 4 * side * side
 
 
-# 32x32x3 is left out: there DM beat random real images by 8.5 points and GM by 0.5 with these
-# settings (issue 15: colour images do not yet work without tuning). GM at 8x8 is left out too:
-# over 6 seeds it beat random real images by only 3.4 points (80.6 vs 77.2%, seeds spread
-# 67-89%), and its 2-seed margin came out +10 on one CPU and +1 on another (different conv
-# kernels, chaotic training) - not a margin a test can hold.
-@pytest.mark.parametrize("method, shape", [("dm", SHAPES[0]), ("dm", SHAPES[1]), ("gm", SHAPES[1])])
-def test_matching_beats_random_real_images_untuned(shape, method, one_thread) -> None:
+def test_sgd_image_step_is_unchanged_on_28x28_and_scales_with_the_pixels() -> None:
+    # the README's MNIST / Fashion-MNIST figures were made with exactly these steps
+    assert dm.LR_IMAGES == 1.0 and gm.LR_IMAGES == 0.1
+    assert sgd_image_step(dm.LR_IMAGES, (1, 28, 28)) == 1.0
+    assert sgd_image_step(gm.LR_IMAGES, (1, 28, 28)) == 0.1
+    assert sgd_image_step(1.0, (1, 8, 8)) == 64 / 784
+    assert sgd_image_step(0.1, (3, 32, 32)) == 0.1 * (1024 / 784)  # channels do not count
+
+
+@pytest.mark.parametrize("method", ["dm", "gm"])
+@pytest.mark.parametrize("shape, lr_set", [((1, 28, 28), None), ((1, 8, 8), None), ((1, 8, 8), 0.5)])
+def test_methods_step_their_images_with_the_resolved_size(method, shape, lr_set, monkeypatch) -> None:
+    steps = []
+    sgd = torch.optim.SGD
+
+    def spy(params, **kwargs):
+        params = list(params)
+        steps.append(params[0]["lr"] if isinstance(params[0], dict) else kwargs["lr"])
+        return sgd(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", spy)
+    data = noisy_classes(shape, 2, seed=0)
+    cfg = DistillConfig(method=method, ipc=1, iterations=1, batch_real=2, model=SPEC, lr_images=lr_set)
+    distill(data, model_factory(SPEC, shape, CLASSES), cfg)
+    tuned = {"dm": 1.0, "gm": 0.1}[method]
+    if lr_set is not None:
+        expected = lr_set
+    else:  # 28x28: the literal step the README's figures were made with
+        expected = tuned if shape == (1, 28, 28) else sgd_image_step(tuned, shape)
+    assert steps[0] == expected  # the images' optimiser is the first SGD built
+
+
+def matching_loss(method: str, data: Dataset, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The method's loss averaged over fixed probe networks, real batches and augmentations."""
+    g = torch.Generator().manual_seed(1234)
+    index, classes = ClassIndex(data.y, data.num_classes), sorted(set(labels.tolist()))
+    strategy = resolve(AUTO, data.image_shape)
+    factory = model_factory(SPEC, data.image_shape, CLASSES)
+    total = 0.0
+    for _ in range(6):
+        net = factory(g)
+        real = [data.x[index.sample(c, 32, g)] for c in classes]
+        syn = [images[labels == c] for c in classes]
+        if method == "dm":
+            with torch.no_grad():
+                total += float(dm.dm_loss(*dm.embed_pair(net, real, syn, strategy, g)))
+        else:
+            total += float(gm.gm_loss(net, real, syn, classes, strategy, g).detach())
+    return total / 6
+
+
+# GM's loss on fresh probe networks falls slowly at 8x8 (measured 123.6 -> 122.6 in 30 updates;
+# 117.4 with a 4x larger step, which trains worse: 8x8 digits prefer the small step)
+LOSS_CASES = [(m, shape, 1.0 if (m, shape) == ("gm", SHAPES[0]) else 0.9)
+              for m in ("dm", "gm") for shape in SHAPES]
+
+
+@pytest.mark.parametrize("method, shape, ratio", LOSS_CASES)
+def test_matching_lowers_its_loss_at_every_size(shape, method, ratio, one_thread) -> None:
+    data = noisy_classes(shape, 40, seed=1)
+    factory = model_factory(SPEC, shape, CLASSES)
+    cfg = DistillConfig(method=method, ipc=1, iterations=30, batch_real=32, model=SPEC)  # default step
+    start = distill(data, factory, replace(cfg, iterations=0))
+    end = distill(data, factory, cfg)
+    before = matching_loss(method, data, start.images, start.labels)
+    after = matching_loss(method, data, end.images, end.labels)
+    assert after < ratio * before, (before, after)
+
+
+# Gains of the default settings (sgd_image_step) over random real images, measured on these sets with 4
+# seeds (2 here): 16x16 DM +13.0, GM +12.8; 32x32x3 DM +13.0, GM +15.2 (on a second noise seed: 16x16
+# +12.0, +11.8; 32x32x3 DM +9.3, GM +14.9). 8x8 is weaker: DM +9.3 over 4 seeds (+15 with the 2 seeds
+# here, whose random-real run at seed 0 is a 62% outlier), so it is held to 5 points; GM +4.3 over 4 seeds
+# (+8 here) and its margin has differed between CPUs (chaotic training), so it is left out.
+@pytest.mark.parametrize("method, shape, gain", [("dm", SHAPES[0], 0.05), ("dm", SHAPES[1], 0.10),
+                                                 ("gm", SHAPES[1], 0.10), ("dm", SHAPES[2], 0.10),
+                                                 ("gm", SHAPES[2], 0.10)])
+def test_matching_beats_random_real_images_untuned(shape, method, gain, one_thread) -> None:
     train, test = noisy_classes(shape, 40, seed=1), noisy_classes(shape, 50, seed=2)
     factory = model_factory(SPEC, shape, CLASSES)
     cfg = DistillConfig(method=method, ipc=1, iterations=60, batch_real=32, model=SPEC)  # defaults otherwise
@@ -89,4 +167,4 @@ def test_matching_beats_random_real_images_untuned(shape, method, one_thread) ->
             _, result = train_and_evaluate(factory, summary.images, summary.labels, test, train_cfg, seed)
             accs.append(result["accuracy"])
         scores[name] = sum(accs) / len(accs)
-    assert scores[method] >= scores["random_real"] + 0.05, scores  # measured: +10 to +16 points
+    assert scores[method] >= scores["random_real"] + gain, scores

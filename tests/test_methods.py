@@ -49,7 +49,9 @@ def _gm(net, real, syn, classes, g):
 
 @pytest.mark.parametrize("method, loss_fn", [("dm", _dm), ("gm", _gm)])
 def test_method_lowers_its_matching_loss(tiny, method, loss_fn) -> None:
-    cfg = replace(CFG, method=method)
+    # the 28x28 step: at 8x8 the default (sgd_image_step) is 12x smaller and lowers GM's loss from
+    # noise too slowly for 30 updates (tests/test_image_sizes.py checks the default's loss)
+    cfg = replace(CFG, method=method, lr_images={"dm": 1.0, "gm": 0.1}[method])
     start = distill(tiny, factory(tiny), replace(cfg, iterations=0))
     end = distill(tiny, factory(tiny), cfg)
     assert torch.equal(start.labels, end.labels)

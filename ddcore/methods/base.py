@@ -43,6 +43,29 @@ class Schedule:
         return {"iterations-done": self.done, "distill-seconds": round(self.seconds, 3)}
 
 
+# The image side the SGD methods' step sizes were tuned on (MNIST, 28x28) and its pixel count.
+REFERENCE_PIXELS = 28 * 28
+
+
+def sgd_image_step(tuned: float, image_shape: tuple[int, int, int]) -> float:
+    """The SGD step size on the images for ``image_shape``: ``tuned`` (on 28x28) times H*W / 784.
+
+    A matching loss reaches one pixel through features that average it with its neighbours, so
+    its gradient per pixel shrinks as the image grows; the first convolution mixes a pixel's
+    channels into the same features, so the count that matters is H*W, not C*H*W. Measured at
+    the start of DM and GM (real images, default ConvNet): the RMS gradient per pixel is 11x (DM)
+    and 25x (GM) larger on 8x8 digits than on 28x28 MNIST, where H*W is 12x smaller. An SGD step
+    moves a pixel by lr times its gradient, so scaling lr with H*W keeps the move per step
+    comparable across sizes. On 8x8 digits at IPC 1 (3 seeds; random real images 64.6%) DM went
+    from 78.4% (step 1.0) to 83.9% and GM from 69.1% (step 0.1) to 79.1%; on generated 32x32x3
+    data the per-pixel gradient is close to MNIST's and the step barely changes (x1.3). The factor
+    is exactly 1.0 on 28x28 data, so every MNIST and Fashion-MNIST default is unchanged. Adam (DD,
+    MTT, IADD) divides out the gradient's scale and needs no such rule.
+    """
+    _, height, width = image_shape
+    return tuned * ((height * width) / REFERENCE_PIXELS)
+
+
 class ClassIndex:
     """Positions of each class in a label vector, for seeded per-class sampling."""
 

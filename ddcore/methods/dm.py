@@ -8,11 +8,14 @@ from ddcore.augment import apply, sample_params
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import ClassIndex, Schedule, start_synthetic
+from ddcore.methods.base import ClassIndex, Schedule, sgd_image_step, start_synthetic
 from ddcore.methods.options import ImageOptions, real_dtype
 from ddcore.models import ModelFactory, embed_frozen
 from ddcore.summary import Summary
 from ddcore.train import Progress
+
+# SGD step on 1x28x28 images when lr_images is unset; other sizes scale it (sgd_image_step)
+LR_IMAGES = 1.0
 
 
 def embed_pair(
@@ -62,7 +65,8 @@ def distill(
     options = ImageOptions(synthetic, data, cfg, generator)  # before the optimiser: may resize the leaves
     labels = synthetic.labels
     classes = sorted(set(labels.tolist()))
-    opt = torch.optim.SGD(synthetic.param_groups(cfg.lr_or(1.0)), momentum=0.5)
+    lr = cfg.lr_or(sgd_image_step(LR_IMAGES, data.image_shape))
+    opt = torch.optim.SGD(synthetic.param_groups(lr), momentum=0.5)
     dtype, schedule = real_dtype(cfg), Schedule(cfg)
     for it in schedule:
         net = model_factory(generator).train()

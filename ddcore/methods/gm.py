@@ -9,11 +9,14 @@ from ddcore.augment import apply, augment, sample_params
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
-from ddcore.methods.base import ClassIndex, Schedule, start_synthetic
+from ddcore.methods.base import ClassIndex, Schedule, sgd_image_step, start_synthetic
 from ddcore.methods.options import ImageOptions
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
 from ddcore.train import Progress
+
+# SGD step on 1x28x28 images when lr_images is unset; other sizes scale it (sgd_image_step)
+LR_IMAGES = 0.1
 
 
 def gradient_distance(syn: list[torch.Tensor], real: list[torch.Tensor]) -> torch.Tensor:
@@ -85,7 +88,8 @@ def distill(
     options = ImageOptions(synthetic, data, cfg, generator)  # before the optimiser: may resize the leaves
     labels = synthetic.labels
     classes = sorted(set(labels.tolist()))
-    opt_img = torch.optim.SGD(synthetic.param_groups(cfg.lr_or(0.1)), momentum=0.5)
+    lr = cfg.lr_or(sgd_image_step(LR_IMAGES, data.image_shape))
+    opt_img = torch.optim.SGD(synthetic.param_groups(lr), momentum=0.5)
     net, opt_net = None, None
     schedule = Schedule(cfg)
     for it in schedule:
