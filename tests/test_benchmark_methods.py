@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
 
 from ddcore.models import ModelSpec, build_model
-from simulations.benchmark_methods import main, mean_std, verdict
+from ddcore.runconfig import run_preset
+from simulations.benchmark_methods import (
+    TUNING,
+    WIDE,
+    build_parser,
+    main,
+    markdown,
+    mean_std,
+    plan,
+    published_for,
+    verdict,
+)
 
 ARGS = ["--dataset", "digits", "--methods", "random_real,dm", "--ipc", "1", "--seeds", "2",
         "--archs", "convnet,mlp", "--preset", "quick", "--threads", "1"]
@@ -47,7 +60,8 @@ def test_benchmark_reports_accuracy_cost_and_bytes_per_seed(tmp_path, one_thread
     assert report["environment"]["torch_threads"] == 1
 
     md = (tmp_path / "report.md").read_text()
-    head = "| method | ConvNet | MLP | distill s | peak MiB | summary bytes | vs random-real (ConvNet) |"
+    head = ("| method | ConvNet | MLP | iterations | distill s (wall / CPU) | eval s | peak MiB "
+            "| summary bytes | vs random-real (ConvNet) |")
     assert head in md
     assert "| random_real |" in md and "| dm |" in md and "Published" not in md  # digits: no MNIST figures
 
@@ -111,3 +125,62 @@ def test_set_options_apply_to_the_matching_methods_only(tmp_path, one_thread) ->
     with_opts = [r for r in report["runs"] if r["method"] == "dm"]
     without = json.loads((plain / "report.json").read_text())["runs"]
     assert [r["loss"] for r in with_opts] != [r["loss"] for r in without]
+
+
+def test_published_figures_follow_the_dataset() -> None:
+    assert published_for("mnist5k") is published_for("mnist")
+    assert published_for("mnist").figures["DC"] == {1: 91.7, 10: 97.4}
+    fashion = published_for("fashion-mnist")
+    assert fashion.figures == {"DC": {1: 70.5, 10: 82.3, 50: 83.6}, "DSA": {1: 70.6, 10: 84.6, 50: 88.7},
+                               "random real": {1: 51.4, 10: 73.8, 50: 82.5}}
+    assert fashion.whole == 93.5
+    assert published_for("digits") is None and published_for("cifar10") is None
+
+
+def test_ceiling_and_wide_best_rows_and_published_figures_per_dataset(tmp_path, one_thread) -> None:
+    assert main(["--out", str(tmp_path), *ARGS, "--ceiling", "2", "--wide-best"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    top = report["ceiling"]
+    n = report["config"]["train_examples"]
+    assert top["arch"] == "convnet" and top["images"] == n and top["epochs"] == 2
+    assert top["steps"] == 2 * math.ceil(n / 256)  # the evaluation recipe's batch of 256, no minimum steps
+    assert 0.0 <= top["accuracy"] <= 1.0 and top["seconds"] > 0 and top["cpu_seconds"] > 0
+    table = report["results"]["1"]
+    best = max(table, key=lambda m: table[m]["accuracy"]["convnet"]["mean"])
+    wide = report["wide_best"]["1"]
+    assert wide["method"] == best and wide["width"] == WIDE and wide["narrow_width"] == 16  # quick preset
+    assert wide["narrow_accuracy"] == table[best]["accuracy"]["convnet"]["values"][0]
+    assert 0.0 <= wide["accuracy"] <= 1.0
+    assert table["dm"]["iterations"] == 10 and table["random_real"]["iterations"] == 0
+    assert table["dm"]["distill_cpu_seconds"]["mean"] > 0
+
+    md = (tmp_path / "report.md").read_text()
+    assert f"**{100 * top['accuracy']:.1f}%** test accuracy" in md and "published:" not in md  # digits
+    assert "| dm | " in md and " | 10 | " in md  # the iterations column
+    # the same report under other dataset names: the matching published figures, none for digits
+    report["config"]["dataset"] = "fashion-mnist"
+    fashion = markdown(report)
+    assert "Published at IPC 1 (Fashion-MNIST" in fashion and "DC 70.5, DSA 70.6, random real 51.4" in fashion
+    assert "; published: 93.5." in fashion and "91.7" not in fashion
+    report["config"]["dataset"] = "mnist5k"
+    mnist = markdown(report)
+    assert "DC 91.7, DSA 88.7, DM 89.7" in mnist and "70.5" not in mnist and "published:" not in mnist
+
+
+def test_fmnist_tuning_resolves_for_every_method_and_ipc(tmp_path) -> None:
+    methods = "random_real,herding,dm,gm,mtt"
+    argv = ["--preset", "fmnist", "--methods", methods, "--ipc", "1,10,50", "--out", str(tmp_path / "o")]
+    cfg, budget, names, ipcs, _, _ = plan(build_parser().parse_args(argv))
+    assert cfg.dataset == "fashion-mnist" and cfg.normalisation == "public"  # the fmnist run preset
+    assert names == methods.split(",") and ipcs == [1, 10, 50]
+    tuning = TUNING["fmnist"]
+    assert budget.note == tuning.note
+    assert budget.train == replace(run_preset("fmnist").train, **tuning.train)
+    for method in ("dm", "gm", "mtt"):
+        for ipc in ipcs:
+            want = {**tuning.methods[method], **tuning.per_ipc.get((method, ipc), {})}
+            got = budget.config(method, ipc, seed=0, device="cpu")
+            assert {k: getattr(got, k) for k in want} == want and got.ipc == ipc
+    # flags still win over the tuning's training settings
+    cfg, budget, *_ = plan(build_parser().parse_args([*argv, "--set", "train-min-steps=7"]))
+    assert budget.train.min_steps == 7
