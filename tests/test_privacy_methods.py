@@ -18,7 +18,7 @@ from ddcore.augment import GREY_STRATEGY
 from ddcore.cli import main
 from ddcore.config import DistillConfig, DPConfig, TrainConfig
 from ddcore.errors import ConfigError
-from ddcore.methods import METHODS, distill
+from ddcore.methods import METHODS, distill, dm, gm
 from ddcore.models import ModelSpec, build_model, model_factory
 from ddcore.train import train_and_evaluate
 from privacy.accounting import Accountant
@@ -34,7 +34,7 @@ SPEC = ModelSpec(width=16, depth=2)
 # noise-started images too little in 40 updates
 BASE = DistillConfig(ipc=5, iterations=40, batch_real=32, init="noise", model=SPEC, outer_loop=5,
                      dsa_strategy=GREY_STRATEGY)
-PLAIN_STEP = {"dm": 1.0, "gm": 0.1}
+PLAIN_STEP = {"dm": dm.LR_IMAGES, "gm": gm.LR_IMAGES}
 TRAIN = TrainConfig(epochs=30, min_steps=200)
 
 
