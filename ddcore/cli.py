@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true",
                    help="skip evaluating random real samples of the same size")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default, one per core; OMP_NUM_THREADS also sets it)")
     add_settings(p, FLAGS)
     p.epilog = ("--dp runs the method's DP variant (from the privacy package; it needs --target-epsilon, "
                 "a number > 0 or inf for the DP code path without noise, and starts from noise). "
@@ -95,7 +97,11 @@ def _bar(desc: str, quiet: bool):
 
 
 def run_distill(args: argparse.Namespace) -> dict:
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
     cfg = build_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     name = method_name(cfg.distill)
     private = name.startswith("dp-")  # a DP run normalises with public constants, not the data's own
     splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, seed=cfg.partition.seed,

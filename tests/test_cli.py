@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddcore.cli import main
 from ddcore.runconfig import RunConfig, to_flat
@@ -18,10 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_distill_writes_metrics_summary_and_picture(tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    code = main(["distill", "--dataset", "digits", "--method", "dm", "--ipc", "2", "--preset", "quick",
-                 "--out", str(out), "--quiet"])
+    threads = torch.get_num_threads()
+    try:
+        code = main(["distill", "--dataset", "digits", "--method", "dm", "--ipc", "2", "--preset", "quick",
+                     "--out", str(out), "--quiet", "--threads", str(threads + 1)])
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["torch_threads"] == threads + 1  # --threads reached torch
     assert metrics["method"] == "dm" and metrics["ipc"] == 2 and metrics["dataset"] == "digits"
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["distill_seconds"] > 0
     assert 0.0 <= metrics["random_real_test_accuracy"] <= 1.0
@@ -39,6 +45,7 @@ def test_distill_writes_metrics_summary_and_picture(tmp_path, capsys) -> None:
     (["--dataset", "cifar10"], "needs --data-dir"),
     (["--ipc", "0"], "ipc must be >= 1"),
     (["--init", "zeros"], "unknown init"),
+    (["--threads", "-1"], "--threads must be >= 0"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message) -> None:
     out = tmp_path / "run"
