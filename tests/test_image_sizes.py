@@ -86,6 +86,14 @@ def test_sgd_image_step_is_unchanged_on_28x28_and_scales_with_the_pixels() -> No
     assert sgd_image_step(0.1, (3, 32, 32)) == 0.1 * (1024 / 784)  # channels do not count
 
 
+def test_gm_draws_a_fresh_network_every_update_only_where_auto_does_not_augment() -> None:
+    cfg = DistillConfig(method="gm", outer_loop=10)
+    assert gm.networks_per_update(cfg, (1, 8, 8)) == 1
+    assert gm.networks_per_update(cfg, (1, 28, 28)) == 10  # MNIST's figures keep their trajectory
+    assert gm.networks_per_update(cfg, (3, 32, 32)) == 10
+    assert gm.networks_per_update(replace(cfg, dsa_strategy="none"), (1, 8, 8)) == 10  # explicit: kept
+
+
 @pytest.mark.parametrize("method", ["dm", "gm"])
 @pytest.mark.parametrize("shape, lr_set", [((1, 28, 28), None), ((1, 8, 8), None), ((1, 8, 8), 0.5)])
 def test_methods_step_their_images_with_the_resolved_size(method, shape, lr_set, monkeypatch) -> None:
@@ -128,9 +136,10 @@ def matching_loss(method: str, data: Dataset, images: torch.Tensor, labels: torc
     return total / 6
 
 
-# GM's loss on fresh probe networks falls slowly at 8x8 (measured 123.6 -> 122.6 in 30 updates;
-# 117.4 with a 4x larger step, which trains worse: 8x8 digits prefer the small step)
-LOSS_CASES = [(m, shape, 1.0 if (m, shape) == ("gm", SHAPES[0]) else 0.9)
+# GM's loss on fresh probe networks falls slowly at 8x8: measured 123.6 -> 120.0 in 30 updates with a
+# fresh network per update (gm.networks_per_update), 122.6 when the network trained on the synthetic set
+# between updates (117.4 with a 4x larger step, which trains worse: 8x8 digits prefer the small step)
+LOSS_CASES = [(m, shape, 0.985 if (m, shape) == ("gm", SHAPES[0]) else 0.9)
               for m in ("dm", "gm") for shape in SHAPES]
 
 
@@ -148,12 +157,16 @@ def test_matching_lowers_its_loss_at_every_size(shape, method, ratio, one_thread
 
 # Gains of the default settings (sgd_image_step) over random real images, measured on these sets with 4
 # seeds (2 here): 16x16 DM +13.0, GM +12.8; 32x32x3 DM +13.0, GM +15.2 (on a second noise seed: 16x16
-# +12.0, +11.8; 32x32x3 DM +9.3, GM +14.9). 8x8 is weaker: DM +9.3 over 4 seeds (+15 with the 2 seeds
-# here, whose random-real run at seed 0 is a 62% outlier), so it is held to 5 points; GM +4.3 over 4 seeds
-# (+8 here) and its margin has differed between CPUs (chaotic training), so it is left out.
-@pytest.mark.parametrize("method, shape, gain", [("dm", SHAPES[0], 0.05), ("dm", SHAPES[1], 0.10),
-                                                 ("gm", SHAPES[1], 0.10), ("dm", SHAPES[2], 0.10),
-                                                 ("gm", SHAPES[2], 0.10)])
+# +12.0, +11.8; 32x32x3 DM +9.3, GM +14.9). 8x8 is held to 5 points: there everything tops out near
+# what the 4 class-mean images of the training set reach (87.1% over 16 seeds, 88.9% on seeds 0-3;
+# all 160 training images: 95.6%), and random real images are strong and erratic (74.9% over 16
+# seeds, 79.6% on seeds 0-3, 73.8% on the 2 here with a 62% run at seed 0). DM: 87.0% over 16
+# seeds (+12.1), 88.9% on seeds 0-3 (+9.3), +15 here. GM, with a fresh network per update where auto
+# does not augment (gm.networks_per_update): 83.9% over 16 seeds (+9.0; +5.2 when it trained its
+# network on the synthetic set), 88.9% on seeds 0-3 (+9.3; was +4.3), +12.2 here.
+@pytest.mark.parametrize("method, shape, gain", [("dm", SHAPES[0], 0.05), ("gm", SHAPES[0], 0.05),
+                                                 ("dm", SHAPES[1], 0.10), ("gm", SHAPES[1], 0.10),
+                                                 ("dm", SHAPES[2], 0.10), ("gm", SHAPES[2], 0.10)])
 def test_matching_beats_random_real_images_untuned(shape, method, gain, one_thread) -> None:
     train, test = noisy_classes(shape, 40, seed=1), noisy_classes(shape, 50, seed=2)
     factory = model_factory(SPEC, shape, CLASSES)
