@@ -57,7 +57,8 @@ def sgd_image_step(tuned: float, image_shape: tuple[int, int, int]) -> float:
     and 25x (GM) larger on 8x8 digits than on 28x28 MNIST, where H*W is 12x smaller. An SGD step
     moves a pixel by lr times its gradient, so scaling lr with H*W keeps the move per step
     comparable across sizes. On 8x8 digits at IPC 1 (3 seeds; random real images 64.6%) DM went
-    from 78.4% (step 1.0) to 83.9% and GM from 69.1% (step 0.1) to 79.1%; on generated 32x32x3
+    from 78.4% (step 1.0) to 83.9% and GM from 69.1% (step 0.1) to 79.1% (before GM's fresh
+    network per update on such images, :func:`ddcore.methods.gm.networks_per_update`); on generated 32x32x3
     data the per-pixel gradient is close to MNIST's and the step barely changes (x1.3). The factor
     is exactly 1.0 on 28x28 data, so every MNIST and Fashion-MNIST default is unchanged. Adam (DD,
     MTT, IADD) divides out the gradient's scale and needs no such rule.
