@@ -87,6 +87,14 @@ DP_FEDAVG_SETTINGS: dict[str, dict[str, str | int | float]] = {
     # lr 4 60.0% at clip 1 (README "A fair DP-FedAvg")
     "fmnist": {"local-batch-size": 256, "max-grad-norm": 1.0, "local-lr": 0.4},
 }
+# What the epsilon = inf DP-FedAvg row (clipping, no noise) changes on top, tuned the same way at
+# epsilon = inf: without noise, smaller Poisson batches (more clipped steps per round) win, as
+# the literature tunes each budget apart; the finite rows keep the settings above.
+DP_FEDAVG_NO_NOISE_SETTINGS: dict[str, dict[str, str | int | float]] = {
+    # at epsilon = inf, 20 rounds, clip 1 (README "A fair DP-FedAvg"): validation 86.25% at
+    # batch 64 / lr 0.4, 83.72% at batch 64 / lr 1.6
+    "fmnist": {"local-batch-size": 64, "local-lr": 0.4},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,11 +143,13 @@ def dp_config(cfg: RunConfig, epsilon: float) -> RunConfig:
 
 
 def plan_systems(cfg: RunConfig, methods: list[str], epsilons: list[float],
-                 dp_fedavg: dict | None = None, fedavg: dict | None = None) -> list[tuple[dict, System]]:
+                 dp_fedavg: dict | None = None, fedavg: dict | None = None,
+                 dp_fedavg_no_noise: dict | None = None) -> list[tuple[dict, System]]:
     """A row description and a system for every method and epsilon (non-DP first).
 
     ``fedavg``: flat keys set on every FedAvg row, plain and DP (the network, the rounds);
-    ``dp_fedavg``: flat keys set on every DP-FedAvg row on top (its tuned local DP-SGD).
+    ``dp_fedavg``: flat keys set on every DP-FedAvg row on top (its tuned local DP-SGD);
+    ``dp_fedavg_no_noise``: flat keys set on the epsilon = inf DP-FedAvg row on top of those.
     """
     plain = from_flat({"dp": False}, base=cfg)
     out = []
@@ -151,8 +161,11 @@ def plan_systems(cfg: RunConfig, methods: list[str], epsilons: list[float],
         dp_base = from_flat(dp_fedavg, base=base) if method == "fedavg" and dp_fedavg else base
         for eps in epsilons:
             name = f"dp-{method}@eps={eps:g}"
+            eps_base = dp_base
+            if method == "fedavg" and math.isinf(eps) and dp_fedavg_no_noise:
+                eps_base = from_flat(dp_fedavg_no_noise, base=dp_base)
             out.append(({"method": f"dp-{method}", "dp": True, "epsilon_target": eps},
-                        System(name, kind, dp_config(dp_base, eps))))
+                        System(name, kind, dp_config(eps_base, eps))))
     return out
 
 
@@ -344,11 +357,14 @@ def main(argv: list[str] | None = None) -> int:
                               f"got {budget.samples}")
         cfg = with_canaries(args, run_config(args, SWEEP_SETTINGS.get(args.preset)), budget)
         dp_fedavg = {**DP_FEDAVG_SETTINGS.get(args.preset, {}), **parse_set(args.dp_fedavg_set)}
+        # --dp-fedavg-set beats the preset's no-noise settings as it beats the finite rows'
+        no_noise = {k: v for k, v in DP_FEDAVG_NO_NOISE_SETTINGS.get(args.preset, {}).items()
+                    if k not in parse_set(args.dp_fedavg_set)}
         splits = check_partitions(cfg)
         canaries = run_canaries(cfg, splits)
         chosen = given(args, RUN_FLAGS)  # the command line beats the preset's FedAvg settings
         fedavg = {k: v for k, v in FEDAVG_SETTINGS.get(args.preset, {}).items() if k not in chosen}
-        planned = plan_systems(cfg, methods, epsilons, dp_fedavg, fedavg)
+        planned = plan_systems(cfg, methods, epsilons, dp_fedavg, fedavg, no_noise)
         check_budgets(splits, planned, canaries)
     except ValueError as exc:
         return fail(exc)
@@ -372,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{cfg.partition.scheme} {cfg.partition.alpha:g})",
         "config": recorded_config(args.preset, cfg), "environment": environment(cfg.distill.device),
         "epsilons": epsilons, "methods": methods, "dp_fedavg_settings": dp_fedavg,
+        "dp_fedavg_no_noise_settings": no_noise,
         "audit": {"members": len(members), "nonmembers": len(nonmembers), **asdict(budget),
                   "canary_kind": CANARY_KIND, "canary_beta": CANARY_BETA,
                   "canary_violations": [r["system"] for r in rows if r["canary_bound_exceeds_epsilon"]],

@@ -137,5 +137,16 @@ def test_the_presets_fedavg_settings_reach_every_fedavg_row_and_no_other() -> No
     for name in ("fedavg", "dp-fedavg@eps=2", "dp-fedavg@eps=inf"):  # plain FedAvg: the DP rows' network
         assert (by_name[name].distill.model.name, by_name[name].fedavg_rounds) == ("dpcnn", 4)
     assert by_name["fedavg"].local_lr == cfg.local_lr and by_name["dp-fedavg@eps=inf"].local_lr == 0.5
+
+
+def test_the_no_noise_settings_reach_only_the_epsilon_inf_dp_fedavg_row() -> None:
+    cfg = from_flat({"dataset": "digits", "num-clients": 3}, base=run_preset("quick"))
+    planned = plan_systems(cfg, ["statistics", "fedavg"], [2.0, math.inf],
+                           {"local-lr": "0.5", "local-batch-size": "128"}, None, {"local-batch-size": "16"})
+    by_name = {s.name: s.cfg for _, s in planned}
+    assert (by_name["dp-fedavg@eps=inf"].local_batch_size, by_name["dp-fedavg@eps=inf"].local_lr) == (16, 0.5)
+    assert by_name["dp-fedavg@eps=2"].local_batch_size == 128
+    for name in ("fedavg", "statistics", "dp-statistics@eps=2", "dp-statistics@eps=inf"):
+        assert by_name[name].local_batch_size == cfg.local_batch_size
     for name in ("statistics", "dp-statistics@eps=2"):
         assert by_name[name].distill.model.name == "convnet"
