@@ -356,10 +356,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--audit-samples must be >= 1 here (every row is audited), "
                               f"got {budget.samples}")
         cfg = with_canaries(args, run_config(args, SWEEP_SETTINGS.get(args.preset)), budget)
-        dp_fedavg = {**DP_FEDAVG_SETTINGS.get(args.preset, {}), **parse_set(args.dp_fedavg_set)}
+        dp_overrides = parse_set(args.dp_fedavg_set)
+        dp_fedavg = {**DP_FEDAVG_SETTINGS.get(args.preset, {}), **dp_overrides}
         # --dp-fedavg-set beats the preset's no-noise settings as it beats the finite rows'
         no_noise = {k: v for k, v in DP_FEDAVG_NO_NOISE_SETTINGS.get(args.preset, {}).items()
-                    if k not in parse_set(args.dp_fedavg_set)}
+                    if k not in dp_overrides}
         splits = check_partitions(cfg)
         canaries = run_canaries(cfg, splits)
         chosen = given(args, RUN_FLAGS)  # the command line beats the preset's FedAvg settings
