@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from client import protocol
-from client.app import distill_summary
+from client.app import distill_summary, fedavg_update
 from client.task import client_id
 
 Arrays = dict[str, np.ndarray]
@@ -104,6 +104,7 @@ def make_app(plan: Mapping[tuple[int, int], str] | None = None) -> ClientApp:
     if unknown:
         raise ValueError(f"unknown faults {unknown}; known: {', '.join(FAULTS)}")
     app = ClientApp()
+    app.train()(fedavg_update)  # FedAvg rounds stay honest (a test warms the nodes up with one)
 
     @app.train("distill")
     def distill(message: Message, context: Context) -> Message:

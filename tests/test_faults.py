@@ -11,11 +11,12 @@ from simulations.common import System, check_partitions, run_in_simulation
 from tests.faulty_client import FAULTS, make_app
 
 MIN_CLIENTS = 5
-# Round 2 waits this long for the "timeout" node; round 1 must also fit Ray's start-up and the
-# first imports on a busy 2-core machine: 20 s was too short there, and so was 45 s with the
-# suite's second xdist worker (and other jobs) busy beside it. The wait is idle time, which the
-# other worker uses.
-ROUND_TIMEOUT = 90.0
+# Round 2 waits this long for the "timeout" node. A one-round FedAvg first starts the simulation's
+# workers and their imports (Ray start-up took 20-45 s on a busy 2-core machine), with
+# WARM_UP_TIMEOUT to do it in; the distillation rounds then run on warm workers, each in well
+# under ROUND_TIMEOUT even with the suite's second xdist worker busy beside it.
+WARM_UP_TIMEOUT = 120.0
+ROUND_TIMEOUT = 30.0
 # (round, partition id) -> fault: rounds 1-4 lose 3 of 10 clients each (30%), round 5 loses 6 of
 # 10, leaving fewer than MIN_CLIENTS; every fault kind appears at least once.
 PLAN = {
@@ -48,8 +49,10 @@ def test_rounds_survive_faulty_clients_and_a_starved_round_keeps_previous_result
     cfg = from_flat({"dataset": "digits", "num-clients": 10, "ipc": 2, "min-clients": MIN_CLIENTS,
                      "rounds": 5, "max-images": 40, "round-timeout": ROUND_TIMEOUT, "fedavg-rounds": 0},
                     base=run_preset("quick"))
+    warm_up = from_flat({"fedavg-rounds": 1, "round-timeout": WARM_UP_TIMEOUT}, base=cfg)
     splits = check_partitions(cfg)
-    result = run_in_simulation(cfg, splits.test, [System("distill", "distill", cfg)],
+    result = run_in_simulation(cfg, splits.test, [System("warm-up", "fedavg", warm_up),
+                                                  System("distill", "distill", cfg)],
                                client_app=make_app(PLAN))["distill"]
     ledger = result.ledger
 

@@ -1,4 +1,4 @@
-"""A real Flower simulation (Ray backend): 3 clients, 1 round, distillation and FedAvg."""
+"""Real Flower simulations (Ray backend) of 3 clients: every kind of reply, and the compare driver."""
 
 from __future__ import annotations
 
@@ -9,21 +9,41 @@ from ddcore.runconfig import from_flat, run_preset
 from simulations.common import System, check_partitions, run_in_simulation
 from simulations.compare import main as compare_main
 
+DIGITS_3 = {"dataset": "digits", "num-clients": 3, "min-clients": 3, "fedavg-rounds": 0}
+SEED_METHODS = {"dd": {"method": "dd", "soft-labels": "learned"}, "mtt": {"method": "mtt", "multires": 0.5},
+                "iadd": {"method": "iadd", "residual-alpha": 0.5, "residual-every": 1}}
+
 
 @pytest.mark.slow
-def test_three_client_rounds_count_the_bytes_actually_sent(tmp_path) -> None:
-    cfg = from_flat({"dataset": "digits", "num-clients": 3, "ipc": 2, "rounds": 2, "fedavg-rounds": 1,
-                     "min-clients": 3}, base=run_preset("quick"))
-    splits = check_partitions(cfg)
-    systems = [System("distill", "distill", cfg), System("fedavg", "fedavg", cfg)]
-    results = run_in_simulation(cfg, splits.test, systems)
+def test_one_simulation_runs_every_kind_of_client_reply() -> None:
+    """One Ray simulation (its start-up costs more than these tiny runs) serves every system below."""
+    quick = run_preset("quick")
+    rounds = from_flat({**DIGITS_3, "ipc": 2, "rounds": 2, "fedavg-rounds": 1}, base=quick)
+    seeds = from_flat({**DIGITS_3, "ipc": 1, "iterations": 3, "syn-steps": 2, "mtt-syn-steps": 2,
+                       "mtt-experts": 1, "mtt-expert-epochs": 2, "mtt-max-start": 1, "mtt-expert-span": 1},
+                      base=quick)
+    stats = from_flat({**DIGITS_3, "ipc": 2, "iterations": 20, "summary-kind": "statistics", "bank-size": 2},
+                      base=quick)
+    dp_stats = from_flat({"dp": True, "target-epsilon": 4.0, "init": "noise"}, base=stats)
+    systems = [System("distill", "distill", rounds), System("fedavg", "fedavg", rounds),
+               *(System(name, "distill", from_flat(flat, base=seeds)) for name, flat in SEED_METHODS.items()),
+               System("statistics", "distill", stats), System("dp-statistics", "distill", dp_stats)]
+    splits = check_partitions(rounds)
+    assert all(s.cfg.partition == rounds.partition for s in systems)  # one federation, same clients
+    results = run_in_simulation(rounds, splits.test, systems)
 
+    three_client_rounds_count_the_bytes_actually_sent(results, splits.test.image_shape)
+    every_seed_method_runs_in_the_flower_client_through_the_run_config(results)
+    statistics_clients_release_once_and_the_server_distills_from_their_sum(results)
+
+
+def three_client_rounds_count_the_bytes_actually_sent(results: dict, image_shape: tuple) -> None:
     distill = results["distill"]
     first = [e for e in distill.ledger.entries if e.round == 1]
     second = [e for e in distill.ledger.entries if e.round == 2]
     assert sorted(e.client_id for e in first) == sorted(e.client_id for e in second) == [0, 1, 2]
     assert all(e.status == "accepted" for e in first + second)
-    c, h, w = splits.test.image_shape
+    c, h, w = image_shape
     for e in first + second:
         # float32 images plus int64 labels: exactly the summary's array bytes
         assert e.array_bytes_up == e.images * (c * h * w * 4 + 8)
@@ -40,6 +60,36 @@ def test_three_client_rounds_count_the_bytes_actually_sent(tmp_path) -> None:
     model_bytes = fedavg.entries[0].array_bytes_up
     assert model_bytes > 0 and all(e.array_bytes_up == model_bytes for e in fedavg.entries)
     assert len(fedavg.history) == 1
+
+
+def every_seed_method_runs_in_the_flower_client_through_the_run_config(results: dict) -> None:
+    for name in SEED_METHODS:
+        res = results[name]
+        assert [e.status for e in res.ledger.entries] == ["accepted"] * 3, name
+        assert len(res.pooled) == sum(e.images for e in res.ledger.entries) > 0
+        assert 0.0 <= res.ledger.history[-1]["accuracy"] <= 1.0
+    assert results["dd"].pooled.soft and not results["mtt"].pooled.soft  # learned labels travel
+    assert not torch.equal(results["mtt"].pooled.images, results["iadd"].pooled.images)
+
+
+def statistics_clients_release_once_and_the_server_distills_from_their_sum(results: dict) -> None:
+    for name in ("statistics", "dp-statistics"):
+        res = results[name]
+        entries = res.ledger.entries
+        assert [e.status for e in entries] == ["accepted"] * 3, name
+        dim = res.pooled.meta["bank-size"] * 16 * 2 * 2  # quick: width 16; 8x8 pools to 4x4, then 2x2
+        # what travels: float32 sums (10, D) and counts (10,), nothing else
+        assert all(e.array_bytes_up == 10 * (dim + 1) * 4 and e.images == 0 for e in entries), name
+        assert res.pooled.labels.tolist() == [k for k in range(10) for _ in range(2)], name
+        assert res.pooled.meta["method"] == "statistics" and res.pooled.meta["clients"] == 3
+        assert 0.0 <= res.ledger.history[-1]["accuracy"] <= 1.0
+    assert results["statistics"].privacy() is None
+    assert all(e.examples > 0 for e in results["statistics"].ledger.entries)
+    spent = results["dp-statistics"].privacy()
+    assert 3.99 < spent["epsilon_spent_max"] <= 4.0 + 1e-9
+    assert all(p["steps"] == 1 for p in spent["per_client"].values())
+    assert all(e.examples == 0 for e in results["dp-statistics"].ledger.entries)  # sizes stay private
+    assert not torch.equal(results["statistics"].pooled.images, results["dp-statistics"].pooled.images)
 
 
 def test_compare_refuses_bad_input_before_running(tmp_path, capsys) -> None:
@@ -83,51 +133,3 @@ def test_compare_reports_leakage_columns_for_every_system(tmp_path) -> None:
     assert set(methods["fedavg"]["leakage"]["canary_audits"]) == {"loss"}
     text = (out / "report.md").read_text()
     assert "Leakage" in text and "eps lower bound" in text and "30 canaries" in text
-
-
-@pytest.mark.slow
-def test_every_seed_method_runs_in_the_flower_client_through_the_run_config() -> None:
-    base = from_flat({"dataset": "digits", "num-clients": 3, "ipc": 1, "iterations": 3, "min-clients": 3,
-                      "fedavg-rounds": 0, "syn-steps": 2, "mtt-syn-steps": 2, "mtt-experts": 1,
-                      "mtt-expert-epochs": 2, "mtt-max-start": 1, "mtt-expert-span": 1},
-                     base=run_preset("quick"))
-    splits = check_partitions(base)
-    flats = {"dd": {"method": "dd", "soft-labels": "learned"}, "mtt": {"method": "mtt", "multires": 0.5},
-             "iadd": {"method": "iadd", "residual-alpha": 0.5, "residual-every": 1}}
-    systems = [System(name, "distill", from_flat(flat, base=base)) for name, flat in flats.items()]
-    results = run_in_simulation(base, splits.test, systems)
-
-    for name in flats:
-        res = results[name]
-        assert [e.status for e in res.ledger.entries] == ["accepted"] * 3, name
-        assert len(res.pooled) == sum(e.images for e in res.ledger.entries) > 0
-        assert 0.0 <= res.ledger.history[-1]["accuracy"] <= 1.0
-    assert results["dd"].pooled.soft and not results["mtt"].pooled.soft  # learned labels travel
-    assert not torch.equal(results["mtt"].pooled.images, results["iadd"].pooled.images)
-
-
-@pytest.mark.slow
-def test_statistics_clients_release_once_and_the_server_distills_from_their_sum() -> None:
-    base = from_flat({"dataset": "digits", "num-clients": 3, "ipc": 2, "iterations": 20, "min-clients": 3,
-                      "fedavg-rounds": 0, "summary-kind": "statistics", "bank-size": 2},
-                     base=run_preset("quick"))
-    splits = check_partitions(base)
-    dp = from_flat({"dp": True, "target-epsilon": 4.0, "init": "noise"}, base=base)
-    results = run_in_simulation(base, splits.test, [System("statistics", "distill", base),
-                                                    System("dp-statistics", "distill", dp)])
-    for name, res in results.items():
-        entries = res.ledger.entries
-        assert [e.status for e in entries] == ["accepted"] * 3, name
-        dim = res.pooled.meta["bank-size"] * 16 * 2 * 2  # quick: width 16; 8x8 pools to 4x4, then 2x2
-        # what travels: float32 sums (10, D) and counts (10,), nothing else
-        assert all(e.array_bytes_up == 10 * (dim + 1) * 4 and e.images == 0 for e in entries), name
-        assert res.pooled.labels.tolist() == [k for k in range(10) for _ in range(2)], name
-        assert res.pooled.meta["method"] == "statistics" and res.pooled.meta["clients"] == 3
-        assert 0.0 <= res.ledger.history[-1]["accuracy"] <= 1.0
-    assert results["statistics"].privacy() is None
-    assert all(e.examples > 0 for e in results["statistics"].ledger.entries)
-    spent = results["dp-statistics"].privacy()
-    assert 3.99 < spent["epsilon_spent_max"] <= 4.0 + 1e-9
-    assert all(p["steps"] == 1 for p in spent["per_client"].values())
-    assert all(e.examples == 0 for e in results["dp-statistics"].ledger.entries)  # sizes stay private
-    assert not torch.equal(results["statistics"].pooled.images, results["dp-statistics"].pooled.images)
