@@ -151,8 +151,9 @@ def parse_strategy(strategy: str) -> list[str]:
     return tokens
 
 
-ONE = "one"  # marker of a draw that applies a single op (DSA's 'S' mode)
+ONE = "one"  # marker of a draw that applies a single op (DSA's 'S' mode, the reference default)
 MODES = ("all", ONE)
+DEFAULT_MODE = ONE
 
 
 def sample_params(strategy: str, n: int, generator: torch.Generator, mode: str = "all",
@@ -186,8 +187,12 @@ def apply(x: torch.Tensor, params: Params) -> torch.Tensor:
     return x
 
 
-def augment(x: torch.Tensor, strategy: str, generator: torch.Generator) -> torch.Tensor:
-    """Augment each image of ``x`` independently (the training-time use)."""
+def augment(x: torch.Tensor, strategy: str, generator: torch.Generator, mode: str = ONE) -> torch.Tensor:
+    """Augment each image of ``x`` with its own parameters (the training-time use).
+
+    ``mode="one"`` (the default, as the reference ``evaluate_synset``) applies one op of the
+    strategy to the whole batch, picked at random per call; ``mode="all"`` applies every op.
+    """
     if not strategy or strategy == "none":
         return x
-    return apply(x, sample_params(strategy, x.shape[0], generator, shape=tuple(x.shape)))
+    return apply(x, sample_params(strategy, x.shape[0], generator, mode, shape=tuple(x.shape)))

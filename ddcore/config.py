@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ddcore.augment import DEFAULT_STRATEGY, MODES, parse_strategy
+from ddcore.augment import DEFAULT_MODE, DEFAULT_STRATEGY, MODES, parse_strategy
 from ddcore.errors import ConfigError
 from ddcore.models import ModelSpec
 
@@ -25,6 +25,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     batch_size: int = 256
     dsa_strategy: str = DEFAULT_STRATEGY  # per-image augmentation while training; "none" disables
+    # "one": one op of the strategy per batch, picked at random (DSA's 'S' mode, as the reference
+    # evaluate_synset); "all": every op on every image, far stronger (docs/calibration.md)
+    dsa_mode: str = DEFAULT_MODE
     min_steps: int = 400  # train at least this many SGD steps (small summaries would get too few)
     lr_decay: bool = True  # divide the learning rate by 10 for the second half of the steps
 
@@ -35,6 +38,8 @@ class TrainConfig:
                 f"{self.epochs}, {self.batch_size}, {self.lr}, {self.min_steps}"
             )
         parse_strategy(self.dsa_strategy)
+        if self.dsa_mode not in MODES:
+            raise ConfigError(f"unknown train-dsa-mode {self.dsa_mode!r}; known: {', '.join(MODES)}")
 
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -79,7 +84,7 @@ class DistillConfig:
     batch_real: int = 128  # real images per class per iteration
     init: str = "real"  # start from random real images or from Gaussian noise
     dsa_strategy: str = DEFAULT_STRATEGY  # siamese augmentation while matching
-    dsa_mode: str = "all"  # DM: apply all of the strategy's ops per draw, or one picked at random (DSA's 'S')
+    dsa_mode: str = DEFAULT_MODE  # one op of the strategy per draw, picked at random (DSA's 'S'), or all
     model: ModelSpec = field(default_factory=ModelSpec)
     # gradient matching (DC/DSA)
     outer_loop: int = 10  # image updates per network initialisation

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -320,3 +320,27 @@ def _stratified_split(
     train_idx = rng.permutation(np.flatnonzero(~test))
     test_idx_all = rng.permutation(np.flatnonzero(test))
     return x[train_idx], y[train_idx], x[test_idx_all], y[test_idx_all]
+
+
+VALIDATION_SEED_OFFSET = 7919  # the validation carve draws from seed + this, apart from the test split's draw
+
+
+def validation_split(train: Dataset, fraction: float = 0.1, seed: int = 0) -> DataSplits:
+    """Carve a seeded, stratified validation split from ``train``.
+
+    Returns ``DataSplits(train=rest, test=validation)``: recipes are chosen by training on the
+    rest and scoring on the validation images, so the real test split is never looked at.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"validation fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed + VALIDATION_SEED_OFFSET)
+    labels = train.y.numpy()
+    held = np.concatenate([rng.permutation(idx)[: max(1, round(len(idx) * fraction))]
+                           for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))])
+    mask = np.zeros(len(labels), bool)
+    mask[held] = True
+    rest, val = rng.permutation(np.flatnonzero(~mask)), rng.permutation(np.flatnonzero(mask))
+    if len(rest) == 0:
+        raise DataError(f"{train.name}: too few examples ({len(labels)}) to carve a validation split")
+    validation = replace(train.subset(val), name=f"{train.name}-validation")
+    return DataSplits(train=train.subset(rest), test=validation)

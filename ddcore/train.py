@@ -62,7 +62,7 @@ def train_model(
                 lr = cfg.lr * (0.1 if cfg.lr_decay and step >= total // 2 else 1.0)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x = augment(images[idx], cfg.dsa_strategy, generator)
+            x = augment(images[idx], cfg.dsa_strategy, generator, cfg.dsa_mode)
             loss = F.cross_entropy(model(x), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddcore.augment import augment
+from ddcore.augment import ONE, augment
 from ddcore.data import Dataset
 from ddcore.runconfig import RunConfig
 from privacy.accounting import Accountant, DPPlan
@@ -58,12 +58,12 @@ def local_dpsgd(model: nn.Module, data: Dataset, cfg: RunConfig, plan: DPPlan, a
     recipe = cfg.local_training()
     return dpsgd_train(model, data, plan, accountant, steps=steps, lr=recipe.lr, momentum=recipe.momentum,
                        generator=generator, weight_decay=recipe.weight_decay,
-                       dsa_strategy=recipe.dsa_strategy)
+                       dsa_strategy=recipe.dsa_strategy, dsa_mode=recipe.dsa_mode)
 
 
 def dpsgd_train(model: nn.Module, data: Dataset, plan: DPPlan, accountant: Accountant, *, steps: int,
                 lr: float, momentum: float, generator: torch.Generator, weight_decay: float = 0.0,
-                dsa_strategy: str = "none") -> float:
+                dsa_strategy: str = "none", dsa_mode: str = ONE) -> float:
     """Train ``model`` in place for ``steps`` DP-SGD steps; return the mean (clipped-batch) loss.
 
     Every step is recorded in ``accountant`` (which the caller keeps across rounds). Refuses
@@ -91,7 +91,7 @@ def dpsgd_train(model: nn.Module, data: Dataset, plan: DPPlan, accountant: Accou
         mask = poisson_mask(len(data), plan.sample_rate, generator)
         x, y = data.x[mask].to(device), data.y[mask].to(device)
         if len(y):
-            x = augment(x, dsa_strategy, generator)
+            x = augment(x, dsa_strategy, generator, dsa_mode)
             loss = F.cross_entropy(gsm(x), y, reduction="sum")
             total = clipped_sum(per_sample_gradients(gsm, loss), plan.max_grad_norm)
             losses.append(float(loss.detach()) / len(y))

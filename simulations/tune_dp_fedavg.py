@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid", required=True,
                         help='space-separated KEY=V1,V2,... of run-config keys, e.g. "local-lr=0.05,0.2 '
                              'max-grad-norm=0.1,1"')
+    parser.add_argument("--plain", action="store_true",
+                        help="tune plain FedAvg (no DP-SGD, --epsilon ignored): e.g. whether its local "
+                             "epochs augment (train-dsa-strategy=auto,none)")
     parser.add_argument("--validation", type=int, default=6000,
                         help="training records held out to score the points (default 6000)")
     add_settings(parser, ("dataset", "data-dir", "num-clients", "alpha", "seed"), preset="fmnist")
@@ -101,12 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         points = parse_grid(args.grid)
-        cfg = from_flat({"dp": True, "target-epsilon": args.epsilon}, base=settings_from_args(
+        dp = {"dp": False} if args.plain else {"dp": True, "target-epsilon": args.epsilon}
+        cfg = from_flat(dp, base=settings_from_args(
             args, ("dataset", "data-dir", "num-clients", "alpha", "seed")))
         configs = [from_flat(point, base=cfg) for point in points]
         clients, val = carve(cfg, args.validation)
         for point, c in zip(points, configs, strict=True):
-            check_dp_clients(str(point), c, [len(part) for part in clients])
+            if not args.plain:
+                check_dp_clients(str(point), c, [len(part) for part in clients])
     except ValueError as exc:
         return fail(exc)
     from tqdm import tqdm
@@ -121,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def report() -> dict:
         ranked = sorted(rows, key=lambda r: -r["val_accuracy"])
-        return {"title": f"DP-FedAvg tuning at epsilon {args.epsilon:g} per client ({cfg.dataset}, "
+        what = ("FedAvg tuning (no DP)" if args.plain
+                else f"DP-FedAvg tuning at epsilon {args.epsilon:g} per client")
+        return {"title": f"{what} ({cfg.dataset}, "
                          f"{part.num_partitions} clients, {part.scheme} {part.alpha:g})",
                 "config": recorded_config(args.preset, cfg), "grid": args.grid, "validation": len(val),
                 "points_done": f"{len(rows)} of {len(points)}",
@@ -133,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     for point, c in tqdm(list(zip(points, configs, strict=True)), desc="grid", unit="point", file=sys.stderr):
         t = time.perf_counter()
         out = fedavg_recipe(c)(clients, torch.Generator().manual_seed(c.partition.seed))
-        plans = [fedavg_dpsgd_plan(c, len(part)) for part in clients]
-        worst = max(plans, key=lambda p: p.sample_rate)  # the smallest client
-        rows.append({"point": point, "val_accuracy": evaluate(out.model, val)["accuracy"],
-                     "epsilon_spent": out.eps_spent, "noise_multiplier": worst.noise_multiplier,
-                     "sample_rate": worst.sample_rate, "steps": worst.steps,
-                     "seconds": time.perf_counter() - t})
+        row = {"point": point, "val_accuracy": evaluate(out.model, val)["accuracy"],
+               "epsilon_spent": math.inf, "noise_multiplier": 0.0, "sample_rate": 0.0, "steps": 0,
+               "seconds": time.perf_counter() - t}
+        if not args.plain:
+            plans = [fedavg_dpsgd_plan(c, len(part)) for part in clients]
+            worst = max(plans, key=lambda p: p.sample_rate)  # the smallest client
+            row.update(epsilon_spent=out.eps_spent, noise_multiplier=worst.noise_multiplier,
+                       sample_rate=worst.sample_rate, steps=worst.steps)
+        rows.append(row)
         print(f"{point}: validation {100 * rows[-1]['val_accuracy']:.2f}%", file=sys.stderr)
         if len(rows) < len(points):  # a long grid keeps what it measured if it is stopped
             partial = report()

@@ -72,7 +72,7 @@ def distill(
         net = fixed if fixed is not None else model_factory(generator)
         with options.autocast():
             trained = unroll(net, params_of(net), options.images(), targets.current(), log_lrs.exp(),
-                             strategy, generator)
+                             strategy, generator, cfg.dsa_mode)
             idx = torch.cat([index.sample(c, cfg.dd_batch_real, generator) for c in classes])
             real_x, real_y = data.x[idx].to(cfg.device), data.y[idx].to(cfg.device)  # (b, C, H, W), (b,)
             loss = F.cross_entropy(functional_call(net, trained, (real_x,)), real_y)

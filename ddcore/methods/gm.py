@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ddcore.augment import AUTO, apply, augment, resolve, sample_params
+from ddcore.augment import AUTO, ONE, apply, augment, resolve, sample_params
 from ddcore.config import DistillConfig
 from ddcore.data import Dataset
 from ddcore.methods import register_method
@@ -47,11 +47,12 @@ def gm_loss(
     classes: list[int],
     strategy: str,
     generator: torch.Generator,
+    mode: str = ONE,
 ) -> torch.Tensor:
     """Sum over classes of the distance between real and synthetic gradients (same augmentation)."""
     loss = torch.zeros((), device=syn[0].device)
     for r, s, c in zip(real, syn, classes, strict=True):
-        params = sample_params(strategy, 1, generator, shape=tuple(r.shape))
+        params = sample_params(strategy, 1, generator, mode, shape=tuple(r.shape))
         g_real = [g.detach() for g in class_gradient(net, apply(r, params), c, create_graph=False)]
         g_syn = class_gradient(net, apply(s, params), c, create_graph=True)
         loss = loss + gradient_distance(g_syn, g_real)
@@ -82,7 +83,7 @@ def train_on_synthetic(net: torch.nn.Module, opt: torch.optim.Optimizer, images:
                        labels: torch.Tensor, cfg: DistillConfig, generator: torch.Generator) -> None:
     """``cfg.inner_loop`` SGD steps of ``net`` on the (detached) synthetic set, with DSA."""
     for _ in range(cfg.inner_loop):
-        loss = F.cross_entropy(net(augment(images, cfg.dsa_strategy, generator)), labels)
+        loss = F.cross_entropy(net(augment(images, cfg.dsa_strategy, generator, cfg.dsa_mode)), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -122,7 +123,7 @@ def distill(
         images = options.images()
         syn = [images[labels == c] for c in classes]
         with options.autocast():
-            loss = gm_loss(net, real, syn, classes, cfg.dsa_strategy, generator)
+            loss = gm_loss(net, real, syn, classes, cfg.dsa_strategy, generator, cfg.dsa_mode)
         options.step(loss, opt_img)
         if (it + 1) % outer_loop != 0:  # move the network along its training trajectory
             train_on_synthetic(net, opt_net, options.images().detach(), labels, cfg, generator)

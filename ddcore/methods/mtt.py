@@ -28,7 +28,7 @@ LR_IMAGES = 0.1
 def expert_config(cfg: DistillConfig) -> TrainConfig:
     """One epoch of plain SGD at ``lr_net`` with cfg's DSA (MTT's experts: no momentum or decay)."""
     return TrainConfig(epochs=1, lr=cfg.lr_net, momentum=0.0, weight_decay=0.0, min_steps=0, lr_decay=False,
-                       dsa_strategy=cfg.dsa_strategy)
+                       dsa_strategy=cfg.dsa_strategy, dsa_mode=cfg.dsa_mode)
 
 
 def expert_trajectories(
@@ -71,7 +71,7 @@ def match_distances(
     t = int(torch.randint(cfg.mtt_max_start + 1, (1,), generator=generator))
     begin, target = trajectory[t], trajectory[t + cfg.mtt_expert_span]
     lrs = log_lr.exp().expand(cfg.mtt_syn_steps)
-    student = unroll(net, begin, images, labels, lrs, cfg.dsa_strategy, generator)
+    student = unroll(net, begin, images, labels, lrs, cfg.dsa_strategy, generator, cfg.dsa_mode)
     return tensor_distances(student, begin, target)
 
 

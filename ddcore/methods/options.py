@@ -55,9 +55,6 @@ def check_options(method: str, cfg: DistillConfig) -> None:
         raise ConfigError(f"method {method!r} does not run by time; time-budget works with "
                           f"{', '.join(sorted(IMAGE_OPTION_METHODS))} (DP methods account a fixed number "
                           "of releases: set iterations instead)")
-    if cfg.dsa_mode != "all" and method != "dm":
-        raise ConfigError(f"dsa-mode={cfg.dsa_mode} is implemented for dm only, not {method!r}; "
-                          "use dsa-mode=all")
     if cfg.soft_labels == "learned" and method not in LEARNED_LABEL_METHODS:
         raise ConfigError(f"soft-labels=learned needs a method that unrolls training on the summary "
                           f"({', '.join(sorted(LEARNED_LABEL_METHODS))}), not {method!r}; "
@@ -76,7 +73,7 @@ def options_meta(cfg: DistillConfig) -> dict[str, str | float | int]:
 def without_options(cfg: DistillConfig) -> DistillConfig:
     """``cfg`` with every option off (for baselines such as random_real)."""
     return replace(cfg, residual_alpha=1.0, multires=0.0, precision="fp32", soft_labels="none",
-                   time_budget=0.0, dsa_mode="all")
+                   time_budget=0.0)
 
 
 def real_patches(data: Dataset, index: ClassIndex, labels: torch.Tensor, size: tuple[int, int],

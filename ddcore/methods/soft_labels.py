@@ -70,7 +70,7 @@ def teacher_labels(summary: Summary, data: Dataset, model_factory: ModelFactory,
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     train_cfg = TrainConfig(epochs=cfg.teacher_epochs, lr=cfg.lr_net, batch_size=TEACHER_BATCH, min_steps=0,
-                            dsa_strategy=cfg.dsa_strategy)
+                            dsa_strategy=cfg.dsa_strategy, dsa_mode=cfg.dsa_mode)
     teacher = train_model(model_factory(generator), data.x, data.y, train_cfg, generator)
     accuracy = evaluate(teacher, data)["accuracy"]
     log.info("teacher: %d epochs, %.3f accuracy on the client's data", cfg.teacher_epochs, accuracy)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ddcore.augment import augment
+from ddcore.augment import ONE, augment
 
 Params = dict[str, torch.Tensor]
 
@@ -25,6 +25,7 @@ def unroll(
     lrs: torch.Tensor,
     strategy: str,
     generator: torch.Generator,
+    mode: str = ONE,
 ) -> Params:
     """Train ``params`` of ``net``'s architecture with one SGD step per entry of ``lrs``.
 
@@ -33,7 +34,7 @@ def unroll(
     """
     params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     for lr in lrs:
-        logits = functional_call(net, params, (augment(images, strategy, generator),))  # (n, K)
+        logits = functional_call(net, params, (augment(images, strategy, generator, mode),))  # (n, K)
         grads = torch.autograd.grad(F.cross_entropy(logits, labels), list(params.values()), create_graph=True)
         params = {k: p - lr * g for (k, p), g in zip(params.items(), grads, strict=True)}
     return params

@@ -81,7 +81,7 @@ def distill(
         images = synthetic.images()
         loss = torch.zeros((), device=images.device)
         for c in classes:
-            aug = sample_params(cfg.dsa_strategy, 1, generator, shape=data.image_shape)
+            aug = sample_params(cfg.dsa_strategy, 1, generator, cfg.dsa_mode, shape=data.image_shape)
             real = data.x[mask & (data.y == c)].to(cfg.device)
             real = apply(real, aug) if real.shape[0] else real
             target = noisy_class_gradient(gsm, real, c, plan, generator)
