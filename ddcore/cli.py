@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default, one per core; OMP_NUM_THREADS also sets it)")
-    add_settings(p, FLAGS)
+    add_settings(p, FLAGS, preset="central")
     p.epilog = ("--dp runs the method's DP variant (from the privacy package; it needs --target-epsilon, "
                 "a number > 0 or inf for the DP code path without noise, and starts from noise). "
                 "--factorised: ipc bases per class - the bytes of ipc images - decoded by "

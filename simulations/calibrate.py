@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per row (images and initialisation)")
     parser.add_argument("--whole-epochs", type=int, default=5,
                         help="epochs on the whole training set (0 = skip the whole-set rows)")
+    parser.add_argument("--whole-seeds", type=int, default=0,
+                        help="seeds of the whole-set rows (0 = --seeds)")
     parser.add_argument("--whole-widths", type=int, nargs="*", default=[32],
                         help="widths of the whole-set rows (ConvNet-128 takes ~4 min an epoch of "
                              "Fashion-MNIST on 2 CPU cores)")
@@ -107,8 +109,9 @@ def rows_for(splits: DataSplits, cfg: RunConfig, args: argparse.Namespace, bar) 
             recipe = cfg.train
             if name == "whole":
                 recipe = replace(cfg.train, epochs=args.whole_epochs, min_steps=0)
+            seeds = (args.whole_seeds or args.seeds) if name == "whole" else args.seeds
             accs, start = [], time.perf_counter()
-            for seed in range(args.seeds):
+            for seed in range(seeds):
                 bar.set_postfix_str(f"{name} convnet-{width} seed {seed}")
                 if name == "whole":
                     images, labels = train.x, train.y
@@ -122,7 +125,7 @@ def rows_for(splits: DataSplits, cfg: RunConfig, args: argparse.Namespace, bar) 
             rows.append({"set": name, "width": width, "accuracy": accs,
                          "mean": statistics.fmean(accs), "std": statistics.pstdev(accs),
                          "steps": num_steps(len(labels), recipe),
-                         "seconds_per_seed": (time.perf_counter() - start) / args.seeds})
+                         "seconds_per_seed": (time.perf_counter() - start) / seeds})
     return rows
 
 
@@ -130,9 +133,9 @@ def markdown(report: dict) -> str:
     published = report["published"]
     lines = [f"# Calibration: {report['dataset']}, scored on the {report['split']} split", "",
              f"Command: `{report['command']}`", "",
-             "Mean (std) accuracy in % over seeds "
-             f"{', '.join(map(str, range(report['seeds'])))}; published: DatasetCondensation's README "
-             "(ConvNet-128).", ""]
+             f"Mean (std) accuracy in % over seeds 0..{report['seeds'] - 1} (the whole-set rows: "
+             f"{report['whole_seeds']} seed(s), {report['whole_epochs']} epochs); published: "
+             "DatasetCondensation's README (ConvNet-128, trained on a GPU).", ""]
     for recipe in report["recipes"]:
         lines += [f"## Recipe: {recipe['label']}", "",
                   "| training set | model | accuracy | published | difference | SGD steps | s per seed |",
@@ -182,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         grid = parse_grid(args.grid)
         recipes = [(", ".join(f"{k}={v}" for k, v in g.items()) or "preset", from_flat(g, base=base))
                    for g in grid]
-        if args.seeds < 1 or args.whole_epochs < 0 or min(args.ipcs + args.widths + [1]) < 1:
-            raise ConfigError("--seeds, --ipcs and --widths must be >= 1 and --whole-epochs >= 0")
+        if args.seeds < 1 or min(args.whole_seeds, args.whole_epochs) < 0 or min(args.ipcs + args.widths) < 1:
+            raise ConfigError("--seeds, --ipcs and --widths must be >= 1; --whole-seeds, --whole-epochs >= 0")
         splits = run_splits(base)
         if args.split == "validation":
             splits = validation_split(splits.train, args.validation_fraction, base.partition.seed)
@@ -194,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from tqdm import tqdm
 
-    per_recipe = args.seeds * (len(args.ipcs) * len(args.widths)
-                               + (len(args.whole_widths) if args.whole_epochs else 0))
+    whole = (args.whole_seeds or args.seeds) * len(args.whole_widths) if args.whole_epochs else 0
+    per_recipe = args.seeds * len(args.ipcs) * len(args.widths) + whole
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = []
@@ -206,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       if KEYS[k][0] == "train"},
                             "rows": rows_for(splits, cfg, args, bar)})
     report = {"dataset": base.dataset, "split": args.split, "seeds": args.seeds,
+              "whole_seeds": args.whole_seeds or args.seeds, "whole_epochs": args.whole_epochs,
               "command": "python -m simulations.calibrate " + " ".join(argv),
               "published": PUBLISHED.get(base.dataset, {}), "recipes": results,
               "train_size": len(splits.train), "eval_size": len(splits.test),

@@ -45,7 +45,7 @@ def _edge(argv: list[str]) -> RunConfig:
 
 
 # each front end's own default preset
-PRESET = {"ddcore": "default", "compare": "default", "privacy_utility": "privacy",
+PRESET = {"ddcore": "central", "compare": "default", "privacy_utility": "privacy",
           "benchmark_methods": "benchmark", "edge_profile": "default"}
 FRONT_ENDS = {"ddcore": _ddcore, "compare": _driver(compare), "privacy_utility": _driver(privacy_utility),
               "benchmark_methods": _benchmark, "edge_profile": _edge}

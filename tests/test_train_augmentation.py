@@ -12,7 +12,7 @@ from ddcore import train as train_module
 from ddcore.augment import AUGMENTATIONS, ONE, apply, augment, parse_strategy, sample_params
 from ddcore.config import DistillConfig, TrainConfig
 from ddcore.data import validation_split
-from ddcore.errors import ConfigError
+from ddcore.errors import ConfigError, UnknownNameError
 from ddcore.models import ModelSpec, build_model
 from ddcore.runconfig import RunConfig, from_flat
 from simulations import calibrate, compare, privacy_utility
@@ -104,7 +104,7 @@ def test_the_training_mode_reaches_every_front_end_and_trainer(mode, recorded_mo
         assert cfg.train.dsa_mode == mode, name
         assert cfg.local_training().dsa_mode == mode, name  # FedAvg's local epochs, LiRA's shadows
     data = blobs(num_classes=2, n_per_class=8, size=16)
-    cfg = replace_quick(from_flat({"train-dsa-mode": mode, "fedavg-rounds": 1}))
+    cfg = replace_quick(from_flat({"train-dsa-mode": mode, "fedavg-rounds": 1, "local-dsa-strategy": "auto"}))
     model = build_model(cfg.distill.model, data.image_shape, 2, torch.Generator().manual_seed(0))
     from ddcore.summary import Summary
 
@@ -121,6 +121,13 @@ def replace_quick(cfg: RunConfig) -> RunConfig:
 
     return replace(cfg, distill=replace(cfg.distill, model=ModelSpec(width=4)),
                    train=replace(cfg.train, epochs=1, min_steps=2), local_batch_size=8)
+
+
+def test_fedavg_local_epochs_augment_only_when_asked() -> None:
+    assert RunConfig().local_training().dsa_strategy == "none"  # chosen on a validation split
+    assert from_flat({"local-dsa-strategy": "crop"}).local_training().dsa_strategy == "crop"
+    with pytest.raises(UnknownNameError, match=r"unknown augmentation .twirl."):
+        from_flat({"local-dsa-strategy": "twirl"})
 
 
 def test_the_teacher_trains_with_the_matching_mode(recorded_modes, one_thread) -> None:
