@@ -65,16 +65,19 @@ AUDIT_FLAGS = {"audit-samples": "samples", "lira-shadows": "lira_shadows",
                "inversion-steps": "inversion_steps", "canaries": "canaries"}
 
 
-def add_audit_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
-    """The audit-size flags ``names`` (of :data:`AUDIT_FLAGS`), defaulting to the preset's budget."""
+def add_audit_flags(parser: argparse.ArgumentParser, names: tuple[str, ...],
+                    opt_in: tuple[str, ...] = ()) -> None:
+    """The audit-size flags ``names`` (of :data:`AUDIT_FLAGS`), defaulting to the preset's budget
+    (those in ``opt_in`` to 0: the driver runs that audit only when asked)."""
     helps = {"audit-samples": "members and non-members each in the membership audits (0 = no audits)",
              "lira-shadows": "LiRA shadow models for the FedAvg rows (even; 0 = loss-threshold only)",
              "inversion-steps": "Adam steps of each gradient-inversion restart (0 = skip inversion)",
              "canaries": "canaries for the one-run epsilon lower bound, each put into a client's data "
                          "with probability 1/2 (0 = no canary audit)"}
     for name in names:
-        parser.add_argument(f"--{name}", type=int, default=None,
-                            help=f"{helps[name]}; default from the preset (simulations.common.AUDIT_BUDGETS)")
+        default = ("default 0: only when asked" if name in opt_in
+                   else "default from the preset (simulations.common.AUDIT_BUDGETS)")
+        parser.add_argument(f"--{name}", type=int, default=None, help=f"{helps[name]}; {default}")
 
 
 def audit_budget(args: argparse.Namespace, **overrides: int) -> AuditBudget:

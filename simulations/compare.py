@@ -30,6 +30,7 @@ from ddcore.profile import measure_tree
 from ddcore.runconfig import RunConfig
 from privacy.audit import CANARY_BETA, CANARY_KIND, run_canaries
 from simulations.common import (
+    AuditBudget,
     System,
     add_audit_flags,
     add_run_flags,
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                         help=f"comma-separated, of {', '.join(SYSTEMS)} "
                              f"(default {','.join(DEFAULT_SYSTEMS)})")
-    add_audit_flags(parser, ("audit-samples", "lira-shadows", "canaries"))
+    add_audit_flags(parser, ("audit-samples", "lira-shadows", "canaries"),
+                    opt_in=("lira-shadows", "canaries"))
     add_run_flags(parser)
     return parser
 
@@ -113,15 +115,24 @@ def verdicts(methods: dict, ipc: int, test_size: int) -> list[str]:
     return out
 
 
+def settings(args: argparse.Namespace) -> tuple[list[str], AuditBudget, RunConfig]:
+    """The systems, the audit budget and the run settings of a comparison.
+
+    LiRA and the canary audit run only when asked for (``--lira-shadows``, ``--canaries``):
+    canaries (inverted, mislabelled held-out images) would enter the clients' data, and so the
+    headline systems' training and the pooled summaries.
+    """
+    names = parse_systems(args.systems)
+    budget = audit_budget(args, lira_shadows=0, canaries=0)
+    if not budget.samples:
+        budget = replace(budget, canaries=0)  # --audit-samples 0: no audits at all
+    return names, budget, with_canaries(args, run_config(args), budget)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        names = parse_systems(args.systems)
-        budget = audit_budget(args, lira_shadows=0)  # LiRA here only when asked for
-        cfg = run_config(args)
-        if not budget.samples:
-            budget = replace(budget, canaries=0)  # --audit-samples 0: no audits at all
-        cfg = with_canaries(args, cfg, budget)
+        names, budget, cfg = settings(args)
         splits = check_partitions(cfg)
         canaries = run_canaries(cfg, splits)
     except ValueError as exc:

@@ -133,3 +133,22 @@ def test_compare_reports_leakage_columns_for_every_system(tmp_path) -> None:
     assert set(methods["fedavg"]["leakage"]["canary_audits"]) == {"loss"}
     text = (out / "report.md").read_text()
     assert "Leakage" in text and "eps lower bound" in text and "30 canaries" in text
+
+
+@pytest.mark.parametrize("preset", ["default", "fmnist", "quick"])
+def test_compare_trains_on_no_canary_unless_asked(preset) -> None:
+    from simulations import compare
+
+    def parsed(*extra: str):
+        return compare.settings(compare.build_parser().parse_args(["--preset", preset, "--out", "x", *extra]))
+
+    _, budget, cfg = parsed()
+    assert budget.canaries == 0 and cfg.canaries == 0 and budget.lira_shadows == 0
+    _, budget, cfg = parsed("--canaries", "40")
+    assert budget.canaries == 40 and cfg.canaries == 40
+    from simulations import privacy_utility  # where privacy is the question the audit stays on
+
+    args = privacy_utility.build_parser().parse_args(["--preset", preset, "--out", "x"])
+    from simulations.common import audit_budget
+
+    assert audit_budget(args).canaries > 0
