@@ -54,6 +54,7 @@ AUDIT_BUDGETS: dict[str, AuditBudget] = {
     "quick": AuditBudget(samples=200, lira_shadows=2, memorisation_reference=200, inversion_steps=30,
                          inversion_restarts=1, canaries=200),
     "default": AuditBudget(),
+    "central": AuditBudget(),
     "privacy": AuditBudget(),
     "benchmark": AuditBudget(),
     # Fashion-MNIST: LiRA would retrain the whole federated recipe per shadow (minutes each), so the

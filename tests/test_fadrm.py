@@ -21,7 +21,7 @@ from ddcore.methods.options import ImageOptions, real_patches
 from ddcore.methods.soft_labels import LOGIT_SCALE
 from ddcore.methods.unroll import params_of, unroll
 from ddcore.models import ModelSpec, model_factory
-from ddcore.runconfig import RunConfig, from_flat, to_flat
+from ddcore.runconfig import RunConfig, from_flat, run_preset, to_flat
 from ddcore.train import train_and_evaluate
 
 SPEC = ModelSpec(width=8, depth=2)
@@ -250,8 +250,8 @@ def test_options_round_trip_through_the_run_config_and_the_cli() -> None:
     assert to_flat(RunConfig())["soft-labels"] == "none"
     args = build_parser().parse_args(["distill", "--method", "dd", "--residual-alpha", "0.8", "--multires",
                                       "0.5", "--precision", "bf16", "--soft-labels", "learned"])
-    expected = replace(RunConfig().distill, method="dd", residual_alpha=0.8, multires=0.5, precision="bf16",
-                       soft_labels="learned")
+    expected = replace(run_preset("central").distill, method="dd", residual_alpha=0.8, multires=0.5,
+                       precision="bf16", soft_labels="learned")  # the CLI's own preset underneath
     assert build_config(args).distill == expected
 
 
