@@ -145,14 +145,18 @@ def fedavg_local(
     state: dict[str, torch.Tensor],
     seed: int,
 ) -> tuple[dict[str, torch.Tensor], float, Measurement]:
-    """One FedAvg client update: the local recipe (``RunConfig.local_training``) from the global weights."""
+    """One FedAvg client update: the local recipe (``RunConfig.local_training``) from the global weights.
+
+    With ``proximal-mu`` > 0 (FedProx) every step's loss adds ``mu / 2 ||w - w_global||^2``.
+    """
     generator = torch.Generator().manual_seed(seed)
     model = build_model(cfg.distill.model, data.image_shape, num_classes, generator, cfg.distill.device)
     model.load_state_dict(state)
     losses: list[float] = []
     with measure(cfg.distill.device) as m:
         train_model(model, data.x, data.y, cfg.local_training(), generator,
-                    progress=lambda step, total, metrics: losses.append(metrics["loss"]))
+                    progress=lambda step, total, metrics: losses.append(metrics["loss"]),
+                    proximal_mu=cfg.proximal_mu)
     mean_loss = sum(losses) / max(len(losses), 1)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, mean_loss, m
 

@@ -2,6 +2,9 @@
 
 import sys
 
-from ddcore.cli import main
+from ddcore.cli import build_parser, main
 
-sys.exit(main())
+__all__ = ["build_parser", "main"]  # the parser of this command line, for tests that check the docs
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -47,6 +47,11 @@ class RunConfig:
     # FedAvg's local augmentation (train-dsa-mode applies): "none", chosen on a validation split
     # (docs/results/tune_fedavg_fmnist: 85.9% without against 83.9% with one-op DSA after 5 rounds)
     local_dsa_strategy: str = "none"
+    # the weight-averaging systems beside FedAvg (Flower's own strategies, same local recipe): FedProx's
+    # proximal term mu / 2 ||w - w_global||^2 in every local step (0 = FedAvg's plain loss), and
+    # FedAvgM's server momentum on the averaged update (0 = FedAvg's plain mean; server step 1)
+    proximal_mu: float = 0.0
+    server_momentum: float = 0.0
     fraction: float = 1.0  # fraction of clients sampled per round
     min_clients: int = 2  # a round with fewer usable replies fails
     # what a distillation client sends: "images" (its own distilled summary, pooled by the server) or
@@ -69,6 +74,12 @@ class RunConfig:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
         if min(self.min_clients, self.max_images, self.local_batch_size) < 1:
             raise ConfigError("min-clients, max-images and local-batch-size must be >= 1")
+        if self.proximal_mu < 0 or not 0 <= self.server_momentum < 1:
+            raise ConfigError(f"proximal-mu must be >= 0 and server-momentum in [0, 1), got "
+                              f"{self.proximal_mu}, {self.server_momentum}")
+        if self.distill.dp.enabled and (self.proximal_mu or self.server_momentum):
+            raise ConfigError("DP-FedAvg runs plain FedAvg; use proximal-mu=0 and server-momentum=0 "
+                              "with dp=true")
         if self.local_lr <= 0 or self.perturb < 0:
             raise ConfigError(f"local-lr must be > 0 and perturb >= 0, got {self.local_lr}, {self.perturb}")
         if self.summary_dtype not in STORED_DTYPES:

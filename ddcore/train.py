@@ -31,6 +31,7 @@ def train_model(
     *,
     lrs: torch.Tensor | None = None,
     progress: Progress | None = None,
+    proximal_mu: float = 0.0,
 ) -> nn.Module:
     """Train ``model`` in place with SGD on (images, labels) and return it.
 
@@ -42,12 +43,18 @@ def train_model(
         int64 (n,) or soft (n, K) targets.
     lrs : torch.Tensor | None
         Learned per-step learning rates (cycled); replaces ``cfg.lr`` and its decay.
+    proximal_mu : float
+        FedProx's proximal term (Li et al. 2020): ``mu / 2 * ||w - w0||^2`` is added to every
+        step's loss, ``w0`` being the weights ``model`` starts from (the global model). 0 = off.
     """
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
     n = images.shape[0]
     total = num_steps(n, cfg)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu else []
     model.train()
     step = 0
     while step < total:
@@ -64,13 +71,19 @@ def train_model(
                 group["lr"] = lr
             x = augment(images[idx], cfg.dsa_strategy, generator, cfg.dsa_mode)
             loss = F.cross_entropy(model(x), labels[idx])
+            objective = loss + proximal_mu / 2 * proximal(model, anchor) if proximal_mu else loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             opt.step()
             step += 1
             if progress is not None:
                 progress(step, total, {"loss": float(loss.detach())})
     return model
+
+
+def proximal(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
+    """``||w - w0||^2`` over every parameter of ``model`` against ``anchor`` (same order)."""
+    return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
 
 
 @torch.no_grad()

@@ -19,8 +19,11 @@ from opacus.accountants.utils import get_noise_multiplier
 from ddcore.config import ACCOUNTANTS, DPConfig
 from ddcore.errors import ConfigError
 from privacy.errors import DeltaTooLargeError, InvalidPrivacyParameterError
-from privacy.record import ACCOUNTANT
 
+# the default accountant of repeated (subsampled) releases - DP-GM, DP-SGD - is Opacus's RDP
+# accountant ("prv" on request, DPConfig.accountant); one-release mechanisms (DP-DM, statistics)
+# are accounted exactly ("analytic-gaussian", privacy.single_release).
+ACCOUNTANT = "rdp"
 PRV_EPS_ERROR = 0.01  # the PRV accountant's epsilon is an upper bound within this of the true one
 
 

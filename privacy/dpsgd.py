@@ -11,10 +11,9 @@ from torch import nn
 from ddcore.augment import ONE, augment
 from ddcore.data import Dataset
 from ddcore.runconfig import RunConfig
-from privacy.accounting import Accountant, DPPlan
+from privacy.accounting import ACCOUNTANT, Accountant, DPPlan
 from privacy.errors import PrivacyError
 from privacy.mechanisms import add_noise, clipped_sum, grad_sample_module, per_sample_gradients, poisson_mask
-from privacy.record import ACCOUNTANT
 
 
 def dpsgd_plan(*, num_examples: int, batch_size: int, epochs_per_round: int, rounds: int,

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only; accounting and single_release never import this module
     from privacy.accounting import Accountant, DPPlan
     from privacy.single_release import SingleReleaseAccountant
 
 # epsilon is what the accountant says was spent so far (the whole run), not the target
 PRIVACY_KEYS = ("epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate", "steps",
                 "max-grad-norm")
-# the default accountant of repeated (subsampled) releases - DP-GM, DP-SGD - is Opacus's RDP
-# accountant ("prv" on request, DPConfig.accountant); one-release mechanisms (DP-DM, statistics)
-# are accounted exactly ("analytic-gaussian", privacy.single_release). A DP summary names its
-# accountant in meta["accountant"].
-ACCOUNTANT = "rdp"
+# A DP summary names its accountant in meta["accountant"] (privacy.accounting.ACCOUNTANT by
+# default; "analytic-gaussian" for one-release mechanisms, privacy.single_release).
 
 
 def privacy_record(plan: DPPlan, accountant: Accountant | SingleReleaseAccountant) -> dict[str, float | int]:

@@ -313,8 +313,8 @@ def add_node_keys(out: str | Path, count: int) -> tuple[tuple[Path, ...], tuple[
     return tuple(out / f"node{i}" for i in indices), tuple(out / f"node{i}.pub" for i in indices)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """The command line, with the combinations of --add-nodes checked (KeyMaterialError)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (the combinations of --add-nodes are checked by :func:`parse_args`)."""
     parser = argparse.ArgumentParser(prog="python -m privacy.tls", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder to write the key material into")
     parser.add_argument("--hosts",
@@ -324,7 +324,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="replace existing key material in --out")
     parser.add_argument("--add-nodes", type=int, default=None, metavar="N",
                         help="add N node key pairs to the existing key material in --out (CA untouched)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, with the combinations of --add-nodes checked (KeyMaterialError)."""
+    args = build_parser().parse_args(argv)
     if args.add_nodes is not None:
         extra = [flag for flag, value in (("--hosts", args.hosts), ("--nodes", args.nodes),
                                           ("--days", args.days), ("--force", args.force or None))

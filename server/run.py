@@ -16,7 +16,7 @@ from ddcore.models import build_model
 from ddcore.runconfig import RunConfig, to_flat
 from ddcore.summary import Summary
 from server.ledger import Ledger
-from server.strategy import CountingFedAvg, DistillStrategy, StatisticsStrategy, evaluate_fn
+from server.strategy import DistillStrategy, StatisticsStrategy, evaluate_fn, weight_strategy
 from server.validation import SummaryLimits
 
 
@@ -94,10 +94,11 @@ def initial_model(cfg: RunConfig, test: Dataset) -> torch.nn.Module:
 
 
 def run_fedavg(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "fedavg") -> SystemResult:
-    """Flower's FedAvg with the same model, partitions and evaluation."""
+    """Flower's FedAvg (FedProx with ``proximal-mu`` > 0, FedAvgM with ``server-momentum`` > 0)
+    with the same model, partitions and evaluation."""
     ledger = Ledger()
     model = initial_model(cfg, test)
-    strategy = CountingFedAvg(cfg, ledger)
+    strategy = weight_strategy(cfg, ledger)
     start = time.perf_counter()
     result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg.fedavg_rounds,
                             timeout=cfg.round_timeout, train_config=round_config(cfg, DataSpec.of(test)),

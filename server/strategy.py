@@ -1,4 +1,4 @@
-"""Strategies: federated distillation (collect, validate, pool, train) and a counting FedAvg."""
+"""Strategies: federated distillation (collect, validate, pool, train); counting FedAvg, FedProx, FedAvgM."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, Strategy
 
 from client import protocol
 from ddcore.data import Dataset
 from ddcore.devicedata import DataSpec
-from ddcore.errors import SummaryError
+from ddcore.errors import ConfigError, SummaryError
 from ddcore.models import build_model, model_factory
 from ddcore.runconfig import RunConfig
 from ddcore.summary import Summary, concat
@@ -260,18 +260,18 @@ def train_global(cfg: RunConfig, pooled: Summary, image_shape: tuple[int, ...], 
     return train_model(model, pooled.images, pooled.labels, cfg.train, generator)
 
 
-class CountingFedAvg(FedAvg):
-    """Flower's FedAvg, unchanged except that it records the bytes of every message and reply."""
+class Counting:
+    """Mixin for Flower's weight-averaging strategies: record the bytes of every message and reply.
 
-    def __init__(self, cfg: RunConfig, ledger: Ledger) -> None:
-        super().__init__(fraction_train=cfg.fraction, fraction_evaluate=0.0,
-                         min_train_nodes=cfg.min_clients,
-                         min_available_nodes=max(cfg.min_clients, cfg.partition.num_partitions))
-        self.ledger = ledger
+    Placed before the Flower class (``class CountingFedProx(Counting, FedProx)``), it leaves the
+    strategy's own logic untouched; replies are aggregated in client-id order.
+    """
+
+    ledger: Ledger
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         for message in messages:
             self.ledger.sent(server_round, message.metadata.dst_node_id,
                              protocol.content_bytes(message.content))
@@ -286,7 +286,40 @@ class CountingFedAvg(FedAvg):
                 read_metrics(entry, reply.content.get(protocol.METRICS, {}), "train-seconds")
                 entry.status = "accepted"
         self.ledger.mark_silent(server_round)
-        return super().aggregate_train(server_round, replies)
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+
+
+class CountingFedAvg(Counting, FedAvg):
+    """Flower's FedAvg, unchanged except that it records the bytes of every message and reply."""
+
+
+class CountingFedProx(Counting, FedProx):
+    """Flower's FedProx (it sends ``proximal-mu``; clients add the proximal term), bytes counted."""
+
+
+class CountingFedAvgM(Counting, FedAvgM):
+    """Flower's FedAvgM (server momentum on the averaged update, server step 1), bytes counted."""
+
+
+WEIGHT_SYSTEMS = ("fedavg", "fedprox", "fedavgm")
+
+
+def weight_strategy(cfg: RunConfig, ledger: Ledger) -> Counting:
+    """The counting weight-averaging strategy ``cfg`` names: FedProx when ``proximal-mu`` > 0,
+    FedAvgM when ``server-momentum`` > 0, else FedAvg; the same sampling and node minimums."""
+    common = {"fraction_train": cfg.fraction, "fraction_evaluate": 0.0, "min_train_nodes": cfg.min_clients,
+              "min_available_nodes": max(cfg.min_clients, cfg.partition.num_partitions)}
+    if cfg.proximal_mu > 0 and cfg.server_momentum > 0:
+        raise ConfigError("proximal-mu (FedProx) and server-momentum (FedAvgM) name two different "
+                          "strategies; give a weight-averaging run one of them")
+    if cfg.proximal_mu > 0:
+        strategy: Counting = CountingFedProx(**common, proximal_mu=cfg.proximal_mu)
+    elif cfg.server_momentum > 0:
+        strategy = CountingFedAvgM(**common, server_learning_rate=1.0, server_momentum=cfg.server_momentum)
+    else:
+        strategy = CountingFedAvg(**common)
+    strategy.ledger = ledger
+    return strategy
 
 
 def evaluate_fn(

@@ -11,7 +11,11 @@ picks them (default distill,random_real,fedavg):
 - ``statistics``: every client releases per-class statistics once (``summary-kind=statistics``,
   privacy.statistics) and the server adds them up and distills ``ipc`` images per class itself;
 - ``random_real``: every client sends ``ipc`` random real images per class;
-- ``fedavg``: Flower's FedAvg for ``fedavg-rounds`` rounds (skipped when that is 0).
+- ``fedavg``: Flower's FedAvg for ``fedavg-rounds`` rounds (skipped when that is 0);
+- ``fedprox``: Flower's FedProx, the same rounds and local recipe plus the proximal term
+  (``proximal-mu``; 0 takes :data:`FEDPROX_MU`, chosen on a validation split);
+- ``fedavgm``: Flower's FedAvgM, FedAvg with server momentum (``server-momentum``; 0 takes
+  :data:`FEDAVGM_MOMENTUM`).
 """
 
 from __future__ import annotations
@@ -44,8 +48,15 @@ from simulations.common import (
     with_canaries,
 )
 
-SYSTEMS = ("distill", "statistics", "random_real", "fedavg")
+SYSTEMS = ("distill", "statistics", "random_real", "fedavg", "fedprox", "fedavgm")
 DEFAULT_SYSTEMS = ("distill", "random_real", "fedavg")
+WEIGHT_SYSTEMS = ("fedavg", "fedprox", "fedavgm")  # Flower's weight-averaging strategies
+WEIGHT_LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM"}
+# FedProx's mu and FedAvgM's server momentum when the run-config leaves them 0, chosen on a
+# validation split of Fashion-MNIST (python -m simulations.tune_dp_fedavg --plain, 10 clients,
+# docs/results/tune_weights_fmnist)
+FEDPROX_MU = 0.01
+FEDAVGM_MOMENTUM = 0.5
 
 
 def parse_systems(text: str) -> list[str]:
@@ -63,15 +74,21 @@ def random_real_config(distill: DistillConfig) -> DistillConfig:
 
 
 def plan_systems(cfg: RunConfig, names: list[str]) -> list[System]:
-    """The systems ``names`` of :data:`SYSTEMS` on ``cfg``'s partitions."""
-    by_name = {
-        "distill": System("distill", "distill", cfg),
-        "statistics": System("statistics", "distill", replace(cfg, summary_kind="statistics")),
-        "random_real": System("random_real", "distill",
-                              replace(cfg, distill=random_real_config(cfg.distill), summary_kind="images")),
-        "fedavg": System("fedavg", "fedavg", replace(cfg, summary_kind="images")),
+    """The systems ``names`` of :data:`SYSTEMS` on ``cfg``'s partitions (weight-averaging ones only
+    when ``fedavg-rounds`` > 0). Only the asked ones are built: each checks its own settings."""
+    images = {"summary_kind": "images"}
+    settings = {
+        "distill": lambda: cfg,
+        "statistics": lambda: replace(cfg, summary_kind="statistics"),
+        "random_real": lambda: replace(cfg, distill=random_real_config(cfg.distill), **images),
+        "fedavg": lambda: replace(cfg, proximal_mu=0.0, server_momentum=0.0, **images),
+        "fedprox": lambda: replace(cfg, proximal_mu=cfg.proximal_mu or FEDPROX_MU, server_momentum=0.0,
+                                   **images),
+        "fedavgm": lambda: replace(cfg, proximal_mu=0.0,
+                                   server_momentum=cfg.server_momentum or FEDAVGM_MOMENTUM, **images),
     }
-    return [by_name[n] for n in names if n != "fedavg" or cfg.fedavg_rounds > 0]
+    return [System(n, "fedavg" if n in WEIGHT_SYSTEMS else "distill", settings[n]()) for n in names
+            if n not in WEIGHT_SYSTEMS or cfg.fedavg_rounds > 0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def verdicts(methods: dict, ipc: int, test_size: int) -> list[str]:
     """Plain-language comparisons that the numbers support (each distillation system vs the others)."""
-    r, f = methods.get("random_real"), methods.get("fedavg")
+    r = methods.get("random_real")
     out: list[str] = []
     for name, label in (("distill", "Distillation"), ("statistics", "Server-distilled statistics")):
         d = methods.get(name)
@@ -107,12 +124,29 @@ def verdicts(methods: dict, ipc: int, test_size: int) -> list[str]:
                        f"{100 * d['final_accuracy']:.2f}% vs {100 * r['final_accuracy']:.2f}% "
                        f"({gap:+.2f} points; noise band +-{noise:.2f} on {test_size} test images; uploads "
                        f"{d['bytes_up'] / 2**20:.2f} vs {r['bytes_up'] / 2**20:.2f} MiB).")
-        if f and f["final_accuracy"] is not None:
-            ratio = f["bytes_up"] / max(d["bytes_up"], 1)
-            out.append(f"FedAvg after {f['rounds']} rounds: {100 * f['final_accuracy']:.2f}% using "
-                       f"{ratio:.1f}x the uploaded bytes of {label.lower()} "
-                       f"({f['bytes_up'] / 2**20:.1f} MiB vs {d['bytes_up'] / 2**20:.2f} MiB).")
+        for weights in WEIGHT_SYSTEMS:
+            f = methods.get(weights)
+            if f is None or f["final_accuracy"] is None:
+                continue
+            ratio, mib = f["bytes_up"] / max(d["bytes_up"], 1), (f["bytes_up"] / 2**20, d["bytes_up"] / 2**20)
+            out.append(f"{WEIGHT_LABELS[weights]} after {f['rounds']} rounds: "
+                       f"{100 * f['final_accuracy']:.2f}% (best {100 * f['best_accuracy']:.2f}%) using "
+                       f"{ratio:.1f}x the uploaded bytes of {label.lower()} ({mib[0]:.1f} MiB vs "
+                       f"{mib[1]:.2f} MiB).")
+            out.append(reach(WEIGHT_LABELS[weights], f, label.lower(), d))
     return out
+
+
+def reach(weights_label: str, weights: dict, label: str, summary: dict) -> str:
+    """When the weight-averaging system first matched ``summary``'s accuracy, and its upload by then."""
+    target = summary["final_accuracy"]
+    first = next((h for h in weights["history"] if h["accuracy"] >= target), None)
+    if first is None:
+        return (f"{weights_label} never reached {label}'s {100 * target:.2f}% in {weights['rounds']} rounds "
+                f"(best {100 * weights['best_accuracy']:.2f}%).")
+    ratio = summary["bytes_up"] / max(first["bytes_up_cum"], 1)
+    return (f"{weights_label} reached {label}'s {100 * target:.2f}% at round {first['round']} with "
+            f"{first['bytes_up_cum'] / 2**20:.2f} MiB uploaded; {label} used {ratio:.2f}x that.")
 
 
 def settings(args: argparse.Namespace) -> tuple[list[str], AuditBudget, RunConfig]:

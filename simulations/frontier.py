@@ -148,8 +148,8 @@ def fedavg_points(cfg: RunConfig, clients: list[Dataset], test: Dataset,
 
     from client.task import client_seed, fedavg_local
     from ddcore.train import evaluate
-    from privacy.recipes import average
     from server.run import initial_model
+    from simulations.recipes import average
 
     model = initial_model(cfg, test)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}

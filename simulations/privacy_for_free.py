@@ -13,7 +13,7 @@ data each, summaries started from real images, a global model trained long on a 
   split IID among ``--clients`` clients, plus ``--canaries`` inverted, mislabelled canaries of
   which each is put in with probability 1/2;
 - every system (``--systems``) is run once as the target, by the recipe of
-  :mod:`privacy.recipes` (the client and server steps of the Flower apps, in this process);
+  :mod:`simulations.recipes` (the client and server steps of the Flower apps, in this process);
 - **LiRA** (online, ``--shadows`` shadow models, each the system's *whole* recipe - split,
   distill, pool, train - on a random half of the pool): AUC and TPR at 1% / 0.1% FPR;
 - **one-run epsilon lower bounds** (Steinke, Nasr & Jagielski 2023, 95% confidence): from the
@@ -217,7 +217,7 @@ def make_setting(cfg: RunConfig, budget: Budget) -> Setting:
 def target_clients(setting: Setting, clients: int, generator: torch.Generator) -> list[Dataset]:
     """The target run's clients: the members split IID, each with its share of the included canaries."""
     from privacy.attacks.canary import insert_canaries
-    from privacy.recipes import split_clients
+    from simulations.recipes import split_clients
 
     parts = split_clients(setting.members, clients, generator)
     if setting.canaries is None:
@@ -239,7 +239,7 @@ def audit(name: str, kind: str, cfg: RunConfig, setting: Setting, budget: Budget
     from privacy.attacks.memorisation import memorisation, save_closest_pairs
     from privacy.attacks.nearest import nearest_l2
     from privacy.audit import canary_columns
-    from privacy.recipes import recipe, shadow_trainer
+    from simulations.recipes import recipe, shadow_trainer
 
     seed = cfg.partition.seed
     start = time.perf_counter()

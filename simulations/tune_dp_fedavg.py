@@ -8,7 +8,7 @@ the rest is partitioned among the clients exactly as the run-config says (``num-
 ``partition``, ``alpha``, ``seed``). Every point of the grid (the Cartesian product of the
 listed values of any run-config keys: ``local-lr``, ``local-batch-size`` (the Poisson rate is
 batch / n), ``local-epochs``, ``fedavg-rounds``, ``max-grad-norm``, ...) runs the whole
-DP-FedAvg recipe at ``--epsilon`` per client (:func:`privacy.recipes.fedavg_recipe`: the
+DP-FedAvg recipe at ``--epsilon`` per client (:func:`simulations.recipes.fedavg_recipe`: the
 clients' own update code, every client in every round, averaged by example counts as Flower's
 FedAvg does; in one process, without a Flower simulation) and is scored on the validation
 set. Momentum is the recipe's constant (0.9). Writes report.json and report.md (points
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ddcore.train import evaluate
     from privacy.dpsgd import fedavg_dpsgd_plan
-    from privacy.recipes import fedavg_recipe
+    from simulations.recipes import fedavg_recipe
 
     rows: list[dict] = []
     start = time.perf_counter()

@@ -10,8 +10,8 @@ import torch
 from client.task import fedavg_local
 from ddcore.runconfig import from_flat, run_preset
 from privacy.attacks.membership import lira_result, lira_scores, logit_confidence, train_shadows
-from privacy.recipes import average, recipe, shadow_trainer, split_clients
 from simulations.privacy_for_free import main, parse_systems
+from simulations.recipes import average, recipe, shadow_trainer, split_clients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = [

@@ -7,6 +7,7 @@ import torch
 
 from ddcore.runconfig import from_flat, run_preset
 from simulations.common import System, check_partitions, run_in_simulation
+from simulations.compare import FEDAVGM_MOMENTUM, FEDPROX_MU, plan_systems
 from simulations.compare import main as compare_main
 
 DIGITS_3 = {"dataset": "digits", "num-clients": 3, "min-clients": 3, "fedavg-rounds": 0}
@@ -25,7 +26,10 @@ def test_one_simulation_runs_every_kind_of_client_reply() -> None:
     stats = from_flat({**DIGITS_3, "ipc": 2, "iterations": 20, "summary-kind": "statistics", "bank-size": 2},
                       base=quick)
     dp_stats = from_flat({"dp": True, "target-epsilon": 4.0, "init": "noise"}, base=stats)
+    weights = from_flat({"fedavg-rounds": 2}, base=rounds)
     systems = [System("distill", "distill", rounds), System("fedavg", "fedavg", rounds),
+               *(System(s.name + "-2", "fedavg", s.cfg)
+                 for s in plan_systems(weights, ["fedavg", "fedprox", "fedavgm"])),
                *(System(name, "distill", from_flat(flat, base=seeds)) for name, flat in SEED_METHODS.items()),
                System("statistics", "distill", stats), System("dp-statistics", "distill", dp_stats)]
     splits = check_partitions(rounds)
@@ -35,6 +39,7 @@ def test_one_simulation_runs_every_kind_of_client_reply() -> None:
     three_client_rounds_count_the_bytes_actually_sent(results, splits.test.image_shape)
     every_seed_method_runs_in_the_flower_client_through_the_run_config(results)
     statistics_clients_release_once_and_the_server_distills_from_their_sum(results)
+    flowers_fedprox_and_fedavgm_run_the_same_clients_and_count_the_same_bytes(results, rounds)
 
 
 def three_client_rounds_count_the_bytes_actually_sent(results: dict, image_shape: tuple) -> None:
@@ -60,6 +65,28 @@ def three_client_rounds_count_the_bytes_actually_sent(results: dict, image_shape
     model_bytes = fedavg.entries[0].array_bytes_up
     assert model_bytes > 0 and all(e.array_bytes_up == model_bytes for e in fedavg.entries)
     assert len(fedavg.history) == 1
+
+
+def flowers_fedprox_and_fedavgm_run_the_same_clients_and_count_the_same_bytes(results: dict, cfg) -> None:
+    from server.run import initial_model
+
+    splits = check_partitions(cfg)
+    start = initial_model(cfg, splits.test).state_dict()
+    model_bytes = sum(v.numpy().nbytes for v in start.values())
+    finals = {}
+    for name in ("fedavg-2", "fedprox-2", "fedavgm-2"):
+        res = results[name]
+        entries = res.ledger.entries
+        assert [e.round for e in entries] == [1, 1, 1, 2, 2, 2], name
+        assert all(e.status == "accepted" and e.array_bytes_up == model_bytes for e in entries), name
+        assert all(e.bytes_down > model_bytes for e in entries), name  # the global weights go down
+        assert [h["round"] for h in res.ledger.history] == [1, 2], name
+        finals[name] = res.final_state
+    # FedProx's clients received proximal-mu and applied it: every weight stays nearer the start
+    drift = {name: sum(float(((s[k] - start[k]) ** 2).sum()) for k in start) for name, s in finals.items()}
+    assert FEDPROX_MU > 0 and drift["fedprox-2"] < drift["fedavg-2"], drift
+    # FedAvgM's round 2 adds momentum * round 1's update: a different model from FedAvg's mean
+    assert FEDAVGM_MOMENTUM > 0 and drift["fedavgm-2"] != drift["fedavg-2"], drift
 
 
 def every_seed_method_runs_in_the_flower_client_through_the_run_config(results: dict) -> None:

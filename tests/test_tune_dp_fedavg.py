@@ -48,9 +48,9 @@ def test_every_point_runs_the_dp_recipe_and_is_ranked_on_validation(tmp_path) ->
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_stopped_grid_keeps_the_points_it_measured(tmp_path, monkeypatch) -> None:
-    import privacy.recipes
+    import simulations.recipes
 
-    real, calls = privacy.recipes.fedavg_recipe, []
+    real, calls = simulations.recipes.fedavg_recipe, []
 
     def recipe_that_stops(cfg):
         calls.append(cfg)
@@ -58,7 +58,7 @@ def test_a_stopped_grid_keeps_the_points_it_measured(tmp_path, monkeypatch) -> N
             raise KeyboardInterrupt  # the user stops the grid during its second point
         return real(cfg)
 
-    monkeypatch.setattr(privacy.recipes, "fedavg_recipe", recipe_that_stops)
+    monkeypatch.setattr(simulations.recipes, "fedavg_recipe", recipe_that_stops)
     out = tmp_path / "tune"
     with pytest.raises(KeyboardInterrupt):
         main([*TINY, "--epsilon", "2", "--grid", "local-lr=0.01,0.3", "--out", str(out)])

@@ -11,6 +11,9 @@ talks to Flower: the per-client and per-server steps are the ones the Flower app
 order in this process, so one shadow costs one system run and no simulation start-up.
 
 Clients get an IID random split (:func:`split_clients`); every client takes part in every round.
+It lives in ``simulations`` because it runs the client's steps (:mod:`client.task`) beside the
+server's: ``privacy`` sits below ``client`` and never imports it (the import-linter contracts in
+pyproject.toml).
 """
 
 from __future__ import annotations
@@ -86,8 +89,25 @@ def average(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[s
     }
 
 
+class ServerMomentum:
+    """FedAvgM's server step as Flower's ``FedAvgM`` takes it (server learning rate 1):
+    ``v = beta v + (w - mean)``, ``w = w - v`` (``v`` starts at the first round's update)."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
+        self.velocity: dict[str, torch.Tensor] | None = None
+
+    def step(self, state: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        update = {k: state[k].double() - mean[k].double() for k in state}
+        if self.velocity is not None:
+            update = {k: self.beta * self.velocity[k] + update[k] for k in update}
+        self.velocity = update
+        return {k: (state[k].double() - update[k]).to(state[k].dtype) for k in state}
+
+
 def fedavg_recipe(cfg: RunConfig) -> Recipe:
-    """``cfg.fedavg_rounds`` FedAvg rounds over all clients (DP-FedAvg when ``cfg.distill.dp.enabled``)."""
+    """``cfg.fedavg_rounds`` FedAvg rounds over all clients (DP-FedAvg when ``cfg.distill.dp.enabled``;
+    FedProx when ``proximal-mu`` > 0, in the clients' update; FedAvgM when ``server-momentum`` > 0)."""
     from client.task import dp_fedavg_local, fedavg_local
 
     dp = cfg.distill.dp.enabled
@@ -97,6 +117,7 @@ def fedavg_recipe(cfg: RunConfig) -> Recipe:
         model = build_model(cfg.distill.model, clients[0].image_shape, num_classes, generator)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         accountants = []
+        momentum = ServerMomentum(cfg.server_momentum) if cfg.server_momentum > 0 else None
         if dp:
             from privacy.accounting import Accountant
 
@@ -109,7 +130,8 @@ def fedavg_recipe(cfg: RunConfig) -> Recipe:
                 else:
                     new, *_ = fedavg_local(part, cfg, num_classes, state, _seed(generator))
                 states.append(new)
-            state = average(states, [len(part) for part in clients])
+            mean = average(states, [len(part) for part in clients])
+            state = momentum.step(state, mean) if momentum else mean
         model.load_state_dict(state)
         eps = max(a.epsilon(cfg.distill.dp.delta) for a in accountants) if accountants else None
         return RecipeOutput(model.eval(), None, eps)
