@@ -10,6 +10,7 @@ from client import protocol
 from client.task import (
     client_id,
     client_seed,
+    collaborate_local,
     distill_local,
     dp_fedavg_local,
     fedavg_local,
@@ -90,7 +91,12 @@ def distill_summary(message: Message, context: Context) -> Message:
     seed = client_seed(cfg, cid, server_round)
     if cfg.summary_kind == "statistics":
         return _statistics_reply(message, context, data, cfg, num_classes, seed, cid)
-    summary, m = distill_local(data, cfg, num_classes, seed, global_state, previous)
+    soft = None
+    if cfg.collaborative and global_state is not None:  # collaborative round: match the global class means
+        targets = protocol.read_targets(message.content[protocol.GLOBAL_STATS])
+        summary, soft, m = collaborate_local(data, cfg, num_classes, seed, global_state, targets, previous)
+    else:
+        summary, m = distill_local(data, cfg, num_classes, seed, global_state, previous)
     summary = summary.with_meta(**{"client-id": cid, "server-round": server_round})
     if cfg.rounds > 1:
         context.state[_PREVIOUS] = protocol.summary_content(summary, "float32", None, {})[protocol.SUMMARY]
@@ -98,6 +104,8 @@ def distill_summary(message: Message, context: Context) -> Message:
                              "images": len(summary)}, summary.meta, len(data))
     resolution = cfg.summary_resolution or None
     content = protocol.summary_content(summary, cfg.summary_dtype, resolution, metrics)
+    if soft is not None:
+        content[protocol.SOFT_LABELS] = protocol.soft_labels_record(soft)
     return Message(content=content, reply_to=message)
 
 

@@ -12,9 +12,11 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ddcore.devicedata import DataSpec
+from ddcore.methods.collab import ClassSoftLabels, ClassTargets
 from ddcore.summary import Summary
 
 CONFIG = "config"  # ConfigRecord: the flat run-config plus per-round values
@@ -22,6 +24,9 @@ ARRAYS = "arrays"  # ArrayRecord: model weights (FedAvg both ways; global model 
 SUMMARY = "summary"  # ArrayRecord: the encoded summary a client sends
 META = "meta"  # ConfigRecord: the summary's metadata
 METRICS = "metrics"  # MetricRecord: num-examples, seconds, peak memory, ...
+# collaborative rounds (ddcore.methods.collab), from round 2 on
+GLOBAL_STATS = "global-stats"  # ArrayRecord down: class-means (K, D) float32, class-present (K,) uint8
+SOFT_LABELS = "soft-labels"  # ArrayRecord up: probs (K, K) float32, counts (K,) int64
 
 DISTILL = "train.distill"  # message type of a distillation request (FedAvg's is Flower's plain "train")
 
@@ -56,6 +61,25 @@ def summary_content(summary: Summary, dtype: str, resolution: int | None, metric
             METRICS: MetricRecord(metrics),
         }
     )
+
+
+def targets_record(targets: ClassTargets) -> ArrayRecord:
+    """The :data:`GLOBAL_STATS` record: the global summary's class means and which classes it holds."""
+    return ArrayRecord({"class-means": Array(targets.means.float().numpy()),
+                        "class-present": Array(targets.present.numpy().astype(np.uint8))})
+
+
+def read_targets(record: ArrayRecord) -> ClassTargets:
+    """The :class:`ClassTargets` a :data:`GLOBAL_STATS` record carries."""
+    arrays = content_arrays(record)
+    return ClassTargets(torch.from_numpy(arrays["class-means"]).float(),
+                        torch.from_numpy(arrays["class-present"]).bool())
+
+
+def soft_labels_record(soft: ClassSoftLabels) -> ArrayRecord:
+    """The :data:`SOFT_LABELS` record of a reply: per-class soft labels and counts."""
+    return ArrayRecord({"probs": Array(soft.probs.float().numpy()),
+                        "counts": Array(soft.counts.long().numpy())})
 
 
 def content_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ from ddcore.data import Dataset
 from ddcore.devicedata import DataSpec, load_device_data
 from ddcore.errors import ConfigError
 from ddcore.methods import distill
+from ddcore.methods.collab import ClassSoftLabels, ClassTargets, class_soft_labels, distill_toward
 from ddcore.models import ModelFactory, build_model, model_factory
 from ddcore.partition import partition_indices
 from ddcore.profile import Measurement, measure
@@ -108,6 +109,34 @@ def distill_local(
     with measure(cfg.distill.device) as m:
         summary = distill(data, factory, replace(cfg.distill, seed=seed), init=previous)
     return summary, m
+
+
+def collaborate_local(
+    data: Dataset,
+    cfg: RunConfig,
+    num_classes: int,
+    seed: int,
+    global_state: dict[str, torch.Tensor],
+    targets: ClassTargets,
+    previous: Summary | None = None,
+) -> tuple[Summary, ClassSoftLabels, Measurement]:
+    """A collaborative round (``collaborative = true``, round >= 2): refine, then label the real data.
+
+    The summary (``previous``, or a fresh start) is refined with DM under fresh random networks
+    (not sampled around the global model, as iterative rounds do) plus ``collab-weight`` times the
+    match of its class means under the frozen global model to ``targets``
+    (:func:`ddcore.methods.collab.distill_toward`); the same global model gives the per-class
+    soft labels of the real data at ``collab-temperature``.
+    """
+    data = Dataset(data.x, data.y, num_classes, data.mean, data.std, data.name)
+    factory = model_factory(cfg.distill.model, data.image_shape, num_classes, cfg.distill.device)
+    anchor = factory(torch.Generator().manual_seed(seed))
+    anchor.load_state_dict(global_state)
+    with measure(cfg.distill.device) as m:
+        summary = distill_toward(data, factory, replace(cfg.distill, seed=seed), anchor=anchor,
+                                 targets=targets, weight=cfg.collab_weight, init=previous)
+        soft = class_soft_labels(anchor, data, cfg.collab_temperature)
+    return summary, soft, m
 
 
 def release_statistics(

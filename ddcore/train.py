@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,25 @@ from ddcore.data import Dataset
 from ddcore.models import ModelFactory
 
 Progress = Callable[[int, int, dict[str, float]], None]  # (step, total, metrics)
+
+
+@dataclass(frozen=True)
+class SoftTargets:
+    """Per-example soft targets for a distillation term in :func:`train_model` (FedAF's server loss).
+
+    Every step adds ``weight * T^2 * KL(probs[i] || softmax(model(x_i) / T))``, averaged over the
+    batch; an all-zero row is an example without a target (it adds nothing). The ``T^2`` factor
+    (Hinton et al. 2015) keeps the term's gradients on the scale of the cross-entropy's at any T.
+    """
+
+    probs: torch.Tensor  # (n, K): rows are distributions, or all zero (no target)
+    weight: float
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.temperature <= 0:
+            raise ValueError(f"soft targets need weight >= 0 and temperature > 0, got {self.weight}, "
+                             f"{self.temperature}")
 
 
 def num_steps(n: int, cfg: TrainConfig) -> int:
@@ -32,6 +52,7 @@ def train_model(
     lrs: torch.Tensor | None = None,
     progress: Progress | None = None,
     proximal_mu: float = 0.0,
+    soft_targets: SoftTargets | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with SGD on (images, labels) and return it.
 
@@ -46,12 +67,19 @@ def train_model(
     proximal_mu : float
         FedProx's proximal term (Li et al. 2020): ``mu / 2 * ||w - w0||^2`` is added to every
         step's loss, ``w0`` being the weights ``model`` starts from (the global model). 0 = off.
+    soft_targets : SoftTargets | None
+        A distillation term against per-example soft targets (rows aligned with ``images``),
+        added to every step's loss beside the cross-entropy on ``labels``. None = off.
     """
     if proximal_mu < 0:
         raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
     n = images.shape[0]
+    kd = soft_targets if soft_targets is not None and soft_targets.weight > 0 else None
+    if kd is not None and kd.probs.shape[0] != n:
+        raise ValueError(f"{kd.probs.shape[0]} soft-target rows for {n} images")
+    targets = kd.probs.to(device) if kd is not None else torch.empty(0)
     total = num_steps(n, cfg)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu else []
@@ -70,8 +98,11 @@ def train_model(
             for group in opt.param_groups:
                 group["lr"] = lr
             x = augment(images[idx], cfg.dsa_strategy, generator, cfg.dsa_mode)
-            loss = F.cross_entropy(model(x), labels[idx])
+            logits = model(x)
+            loss = F.cross_entropy(logits, labels[idx])
             objective = loss + proximal_mu / 2 * proximal(model, anchor) if proximal_mu else loss
+            if kd is not None:
+                objective = objective + kd.weight * distillation_loss(logits, targets[idx], kd.temperature)
             opt.zero_grad(set_to_none=True)
             objective.backward()
             opt.step()
@@ -84,6 +115,16 @@ def train_model(
 def proximal(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     """``||w - w0||^2`` over every parameter of ``model`` against ``anchor`` (same order)."""
     return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+
+
+def distillation_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(targets || softmax(logits / T))`` per row, averaged over the batch (zero rows add 0).
+
+    ``logits`` (b, K), ``targets`` (b, K) distributions or all-zero rows.
+    """
+    log_q = F.log_softmax(logits.float() / temperature, 1)  # (b, K)
+    kl = (torch.xlogy(targets, targets) - targets * log_q).sum(1)  # (b,): 0 where the row is zero
+    return temperature**2 * kl.mean()
 
 
 @torch.no_grad()

@@ -16,7 +16,13 @@ from ddcore.models import build_model
 from ddcore.runconfig import RunConfig, to_flat
 from ddcore.summary import Summary
 from server.ledger import Ledger
-from server.strategy import DistillStrategy, StatisticsStrategy, evaluate_fn, weight_strategy
+from server.strategy import (
+    CollaborativeStrategy,
+    DistillStrategy,
+    StatisticsStrategy,
+    evaluate_fn,
+    weight_strategy,
+)
 from server.validation import SummaryLimits
 
 
@@ -72,13 +78,19 @@ def run_distillation(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "dis
     """Federated distillation for ``cfg.rounds`` rounds.
 
     ``summary-kind = "images"``: clients distill with ``cfg.distill.method`` and the server pools
-    their summaries; ``"statistics"``: clients release per-class statistics once and the server
-    adds them and distills the global summary (:class:`StatisticsStrategy`).
+    their summaries (with ``collaborative = true``, class means down and soft labels up from round
+    2 on: :class:`CollaborativeStrategy`); ``"statistics"``: clients release per-class statistics
+    once and the server adds them and distills the global summary (:class:`StatisticsStrategy`).
     """
     ledger = Ledger()
     limits = SummaryLimits.for_data(test.image_shape, test.num_classes, cfg.max_images, test.pixel_bounds())
-    strategy = (StatisticsStrategy(cfg, limits, ledger, DataSpec.of(test)) if cfg.summary_kind == "statistics"
-                else DistillStrategy(cfg, limits, ledger))
+    strategy: DistillStrategy
+    if cfg.summary_kind == "statistics":
+        strategy = StatisticsStrategy(cfg, limits, ledger, DataSpec.of(test))
+    elif cfg.collaborative:
+        strategy = CollaborativeStrategy(cfg, limits, ledger)
+    else:
+        strategy = DistillStrategy(cfg, limits, ledger)
     start = time.perf_counter()
     result = strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
                             train_config=round_config(cfg, DataSpec.of(test)),

@@ -1,4 +1,5 @@
-"""Strategies: federated distillation (collect, validate, pool, train); counting FedAvg, FedProx, FedAvgM."""
+"""Strategies: federated distillation (collect, validate, pool, train), its collaborative rounds;
+counting FedAvg, FedProx, FedAvgM."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import torch
@@ -18,13 +20,14 @@ from client import protocol
 from ddcore.data import Dataset
 from ddcore.devicedata import DataSpec
 from ddcore.errors import ConfigError, SummaryError
+from ddcore.methods.collab import ClassSoftLabels, ClassTargets, class_means, combine
 from ddcore.models import build_model, model_factory
 from ddcore.runconfig import RunConfig
 from ddcore.summary import Summary, concat
-from ddcore.train import evaluate, train_model
+from ddcore.train import SoftTargets, evaluate, train_model
 from privacy.record import PRIVACY_KEYS
 from server.ledger import ClientRound, Ledger
-from server.validation import SummaryLimits, validate
+from server.validation import SummaryLimits, check_soft_labels, validate
 
 
 def sample_clients(grid: Grid, cfg: RunConfig, server_round: int) -> list[int]:
@@ -98,10 +101,7 @@ class DistillStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """Ask the sampled clients for a summary (with the global weights after round 1)."""
         nodes = sample_clients(grid, self.cfg, server_round)
-        config = ConfigRecord({**config, protocol.SERVER_ROUND: server_round})
-        records: dict = {protocol.CONFIG: config}
-        if server_round > 1 and len(arrays) > 0:
-            records[protocol.ARRAYS] = arrays
+        records = self.down_records(server_round, arrays, config)
         messages = []
         for node in nodes:
             content = RecordDict(records)
@@ -109,6 +109,14 @@ class DistillStrategy(Strategy):
             messages.append(Message(content=content, message_type=protocol.DISTILL, dst_node_id=node))
         log(INFO, "configure_train: asked %d clients for summaries", len(nodes))
         return messages
+
+    def down_records(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> dict:
+        """The records every request of ``server_round`` carries: the config, and the global weights
+        after round 1 (computed once per round, then copied into each message)."""
+        records: dict = {protocol.CONFIG: ConfigRecord({**config, protocol.SERVER_ROUND: server_round})}
+        if server_round > 1 and len(arrays) > 0:
+            records[protocol.ARRAYS] = arrays
+        return records
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -164,13 +172,8 @@ class DistillStrategy(Strategy):
         return validate(arrays, meta, self.limits)
 
     def pooled(self) -> Summary:
-        """All accepted summaries pooled into one training set, in client-id order.
-
-        Node ids are random per run; ordering by the client id the summary carries keeps the
-        server's training (and so its accuracy) reproducible for a given seed.
-        """
-        order = sorted(self.pool, key=lambda node: (str(self.pool[node].meta.get("client-id", "")), node))
-        return concat([self.pool[node] for node in order], self.limits.num_classes)
+        """All accepted summaries pooled into one training set, in client-id order (:func:`client_order`)."""
+        return concat([self.pool[node] for node in client_order(self.pool)], self.limits.num_classes)
 
     def train_global(self, pooled: Summary, seed: int) -> torch.nn.Module:
         """Train a fresh global model on the pooled summaries."""
@@ -182,6 +185,80 @@ class DistillStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """An accepted collaborative reply: the client's summary and, from round 2 on, its soft labels."""
+
+    summary: Summary
+    soft: ClassSoftLabels | None
+
+
+class CollaborativeStrategy(DistillStrategy):
+    """Collaborative rounds (FedAF-style, ``collaborative = true``): class means down, soft labels up.
+
+    Round 1 is one-shot pooling. From round 2 on every request also carries the global summary's
+    per-class mean embeddings under the global model (:func:`ddcore.methods.collab.class_means`; no
+    image goes down); clients refine their summary toward them and reply with per-class soft labels
+    of their real data, checked like the summary (:func:`server.validation.check_soft_labels`: one
+    bad array rejects the whole reply). The fresh global model trains on the pool with the
+    count-weighted soft labels of every pooled client's newest reply as a distillation term
+    (``collab-kd``, ``collab-temperature``).
+    """
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t└── collaborative: matching weight %g, KD weight %g at T = %g", self.cfg.collab_weight,
+            self.cfg.collab_kd, self.cfg.collab_temperature)
+
+    def down_records(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> dict:
+        """The base records, plus the global summary's class means whenever the global weights go down."""
+        records = super().down_records(server_round, arrays, config)
+        if protocol.ARRAYS in records and self.pool:
+            records[protocol.GLOBAL_STATS] = protocol.targets_record(self.targets(arrays))
+        return records
+
+    def targets(self, arrays: ArrayRecord) -> ClassTargets:
+        """Per-class mean embeddings of the pooled summary under the global model ``arrays``."""
+        model = build_model(self.cfg.distill.model, self.limits.image_shape, self.limits.num_classes,
+                            torch.Generator().manual_seed(0), self.cfg.distill.device)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        pooled = self.pooled()
+        return class_means(model, pooled.images, pooled.hard_labels(), self.limits.num_classes)
+
+    def _check(self, content: RecordDict) -> Contribution:  # type: ignore[override]
+        summary = super()._check(content)
+        if protocol.SOFT_LABELS not in content:
+            return Contribution(summary, None)
+        examples = int(content[protocol.METRICS].get("num-examples", 0))
+        arrays = protocol.content_arrays(content[protocol.SOFT_LABELS])
+        return Contribution(summary, check_soft_labels(arrays, self.limits.num_classes, examples))
+
+    @staticmethod
+    def images_sent(contribution: Contribution) -> int:  # type: ignore[override]
+        return len(contribution.summary)
+
+    def summaries(self) -> dict[int, Summary]:
+        """node id -> the newest accepted summary of that client."""
+        return {node: c.summary for node, c in self.pool.items()}  # type: ignore[attr-defined]
+
+    def pooled(self) -> Summary:
+        summaries = self.summaries()
+        return concat([summaries[node] for node in client_order(summaries)], self.limits.num_classes)
+
+    def train_global(self, pooled: Summary, seed: int) -> torch.nn.Module:
+        """A fresh global model trained on the pool, with the pooled clients' soft labels as KD targets."""
+        order = client_order(self.summaries())
+        parts = [soft for node in order if (soft := self.pool[node].soft) is not None]  # type: ignore[attr-defined]
+        targets = None
+        if parts and self.cfg.collab_kd > 0:
+            soft = combine(parts, self.limits.num_classes)
+            targets = SoftTargets(soft.per_example(pooled.hard_labels()), self.cfg.collab_kd,
+                                  self.cfg.collab_temperature)
+            log(INFO, "server KD on %d pooled images from the soft labels of %d clients",
+                int((targets.probs.sum(1) > 0).sum()), len(parts))
+        return train_global(self.cfg, pooled, self.limits.image_shape, self.limits.num_classes, seed, targets)
 
 
 class StatisticsStrategy(DistillStrategy):
@@ -247,17 +324,27 @@ class StatisticsStrategy(DistillStrategy):
         return summary
 
 
+def client_order(pool: Mapping[int, Summary]) -> list[int]:
+    """The nodes of ``pool`` in the order of the client ids their summaries carry.
+
+    Node ids are random per run; pooling in client-id order keeps the server's training (and so
+    its accuracy) reproducible for a given seed.
+    """
+    return sorted(pool, key=lambda node: (str(pool[node].meta.get("client-id", "")), node))
+
+
 def global_seed(cfg: RunConfig, server_round: int) -> int:
     """The seed of the global model the server trains on the pool in ``server_round``."""
     return cfg.partition.seed * 1009 + server_round
 
 
 def train_global(cfg: RunConfig, pooled: Summary, image_shape: tuple[int, ...], num_classes: int,
-                 seed: int) -> torch.nn.Module:
-    """A fresh global model (initialised from ``seed``) trained on ``pooled`` with ``cfg.train``."""
+                 seed: int, soft_targets: SoftTargets | None = None) -> torch.nn.Module:
+    """A fresh global model (initialised from ``seed``) trained on ``pooled`` with ``cfg.train``
+    (and a distillation term toward ``soft_targets``, rows aligned with ``pooled``)."""
     generator = torch.Generator().manual_seed(seed)
     model = build_model(cfg.distill.model, image_shape, num_classes, generator, cfg.distill.device)
-    return train_model(model, pooled.images, pooled.labels, cfg.train, generator)
+    return train_model(model, pooled.images, pooled.labels, cfg.train, generator, soft_targets=soft_targets)
 
 
 class Counting:

@@ -1,5 +1,8 @@
 """The server never trusts a summary: every received one is checked before it is pooled.
 
+The per-class soft labels of a collaborative reply (:func:`check_soft_labels`) are checked as
+strictly: one bad array rejects the whole reply.
+
 A factorised summary (``bases`` + ``hallucinators`` + ``hallucinator-bias``, see
 :mod:`ddcore.factorised`) is checked as sent, then decoded: what is pooled is always plain
 images and labels, and the image cap counts the decoded images.
@@ -13,11 +16,14 @@ import numpy as np
 import torch
 
 from ddcore.errors import SummaryError
+from ddcore.methods.collab import ClassSoftLabels
 from ddcore.summary import Summary
 
 MAX_LRS = 100_000
 MAX_HALLUCINATORS = 64
 MAX_KERNEL = 7
+SOFT_LABEL_TOLERANCE = 1e-3  # |row sum - 1| allowed for a present class (float32 means of softmaxes)
+SOFT_LABEL_ARRAYS = frozenset({"probs", "counts"})
 
 
 @dataclass(frozen=True)
@@ -113,3 +119,45 @@ def check_values(key: str, raw: np.ndarray, summary: Summary, value_range: tuple
         if not (lo <= vmin and vmax <= hi):  # also catches NaN decoded from finite but huge factors
             raise SummaryError(f"{what} values [{vmin:.3g}, {vmax:.3g}] are far outside the data range "
                                f"[{lo:.3g}, {hi:.3g}]")
+
+
+def check_soft_labels(arrays: dict[str, np.ndarray], num_classes: int, examples: int) -> ClassSoftLabels:
+    """Return a reply's per-class soft labels, or raise :class:`SummaryError` saying what is wrong.
+
+    ``probs`` must be a finite, non-negative float (K, K) array and ``counts`` a finite,
+    non-negative whole (K,) array adding up to ``examples`` (the reply's ``num-examples``: the
+    counts weight the server's combination, so they are held to what the client reports); a
+    class with a positive count (a *present* class) has a row summing to 1, the other rows are
+    zero.
+    """
+    if set(arrays) != SOFT_LABEL_ARRAYS:
+        raise SummaryError(f"soft labels need exactly the arrays {sorted(SOFT_LABEL_ARRAYS)}, "
+                           f"got {sorted(arrays)}")
+    probs, counts = arrays["probs"], arrays["counts"]
+    k = num_classes
+    if probs.shape != (k, k) or counts.shape != (k,):
+        raise SummaryError(f"soft labels have shape {probs.shape} and counts {counts.shape}, "
+                           f"expected ({k}, {k}) and ({k},)")
+    if probs.dtype.kind != "f" or counts.dtype.kind not in "iuf":
+        raise SummaryError(f"soft labels need float probs and numeric counts, got {probs.dtype} "
+                           f"and {counts.dtype}")
+    if not (np.isfinite(probs).all() and np.isfinite(counts).all()):
+        raise SummaryError("soft labels or counts contain NaN or Inf")
+    if (probs < 0).any() or (counts < 0).any():
+        raise SummaryError("soft labels or counts are negative")
+    if (counts != np.round(counts)).any():
+        raise SummaryError("soft-label counts are not whole numbers")
+    if counts.astype(np.float64).sum() != examples or examples < 1:
+        raise SummaryError(f"soft-label counts add up to {counts.astype(np.float64).sum():g}, but the reply "
+                           f"reports {examples} examples")
+    present = counts > 0
+    sums = probs.astype(np.float64).sum(1)
+    off = np.flatnonzero(present & (np.abs(sums - 1) > SOFT_LABEL_TOLERANCE))
+    if off.size:
+        raise SummaryError(f"soft-label rows of classes {off.tolist()} sum to {sums[off].round(4).tolist()}, "
+                           f"not 1 (+-{SOFT_LABEL_TOLERANCE:g})")
+    stray = np.flatnonzero(~present & (probs != 0).any(1))
+    if stray.size:
+        raise SummaryError(f"soft-label rows of classes {stray.tolist()} are non-zero but their count is 0")
+    return ClassSoftLabels(torch.from_numpy(probs.astype(np.float32)),
+                           torch.from_numpy(counts.astype(np.int64)))

@@ -15,7 +15,10 @@ picks them (default distill,random_real,fedavg):
 - ``fedprox``: Flower's FedProx, the same rounds and local recipe plus the proximal term
   (``proximal-mu``; 0 takes :data:`FEDPROX_MU`, chosen on a validation split);
 - ``fedavgm``: Flower's FedAvgM, FedAvg with server momentum (``server-momentum``; 0 takes
-  :data:`FEDAVGM_MOMENTUM`).
+  :data:`FEDAVGM_MOMENTUM`);
+- ``collaborative``: FedAF-style rounds (``collaborative=true``, at least 2 rounds): from round 2 the
+  server sends the global model and its summary's class means, clients match toward them and send
+  per-class soft labels of their data, and the server trains with those soft labels.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from simulations.common import (
     with_canaries,
 )
 
-SYSTEMS = ("distill", "statistics", "random_real", "fedavg", "fedprox", "fedavgm")
+SYSTEMS = ("distill", "statistics", "random_real", "fedavg", "fedprox", "fedavgm", "collaborative")
 DEFAULT_SYSTEMS = ("distill", "random_real", "fedavg")
 WEIGHT_SYSTEMS = ("fedavg", "fedprox", "fedavgm")  # Flower's weight-averaging strategies
 WEIGHT_LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM"}
@@ -86,6 +89,7 @@ def plan_systems(cfg: RunConfig, names: list[str]) -> list[System]:
                                    **images),
         "fedavgm": lambda: replace(cfg, proximal_mu=0.0,
                                    server_momentum=cfg.server_momentum or FEDAVGM_MOMENTUM, **images),
+        "collaborative": lambda: replace(cfg, collaborative=True, rounds=max(cfg.rounds, 2), **images),
     }
     return [System(n, "fedavg" if n in WEIGHT_SYSTEMS else "distill", settings[n]()) for n in names
             if n not in WEIGHT_SYSTEMS or cfg.fedavg_rounds > 0]
@@ -108,7 +112,8 @@ def verdicts(methods: dict, ipc: int, test_size: int) -> list[str]:
     """Plain-language comparisons that the numbers support (each distillation system vs the others)."""
     r = methods.get("random_real")
     out: list[str] = []
-    for name, label in (("distill", "Distillation"), ("statistics", "Server-distilled statistics")):
+    for name, label in (("distill", "Distillation"), ("statistics", "Server-distilled statistics"),
+                        ("collaborative", "Collaborative distillation")):
         d = methods.get(name)
         if d is None or d["final_accuracy"] is None:
             continue
@@ -169,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         names, budget, cfg = settings(args)
         splits = check_partitions(cfg)
         canaries = run_canaries(cfg, splits)
+        systems = plan_systems(cfg, names)  # each system checks its own settings (collaborative: DM, no DP)
     except ValueError as exc:
         return fail(exc)
-    systems = plan_systems(cfg, names)
     with measure_tree() as usage:
         results = run_in_simulation(cfg, splits.test, systems)
     methods = {name: res.to_dict() for name, res in results.items()}
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.report import write_report
 
     write_report(args.out, report)
-    for name in ("distill", "statistics", "random_real"):
+    for name in ("distill", "statistics", "random_real", "collaborative"):
         if name in results and results[name].pooled is not None:
             plot_summary(results[name].pooled, splits.test, args.out / f"pooled_{name}.png")
     from server.report import markdown

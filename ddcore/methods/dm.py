@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ddcore.augment import apply, sample_params
@@ -16,6 +18,8 @@ from ddcore.train import Progress
 
 # SGD step on 1x28x28 images when lr_images is unset; other sizes scale it (sgd_image_step)
 LR_IMAGES = 1.0
+# a term added to every update's loss: (per-class synthetic images, their classes, the run's generator)
+ExtraTerm = Callable[[list[torch.Tensor], list[int], torch.Generator], torch.Tensor]
 
 
 def embed_pair(
@@ -59,6 +63,23 @@ def distill(
     progress: Progress | None = None,
 ) -> Summary:
     """Optimise the synthetic images so every class's mean embedding matches the real one."""
+    return match(data, model_factory, cfg, init, progress)
+
+
+def match(
+    data: Dataset,
+    model_factory: ModelFactory,
+    cfg: DistillConfig,
+    init: Summary | None = None,
+    progress: Progress | None = None,
+    extra: ExtraTerm | None = None,
+) -> Summary:
+    """DM's loop; ``extra`` (None = plain DM) adds its term to every update's loss.
+
+    ``extra(syn, classes, generator)`` gets the synthetic images of each class in ``classes``
+    (differentiable) and the run's generator (:mod:`ddcore.methods.collab` matches them to a
+    global model's class means this way).
+    """
     generator = torch.Generator().manual_seed(cfg.seed)
     index = ClassIndex(data.y, data.num_classes)
     synthetic = start_synthetic(data, cfg, init, generator)
@@ -77,6 +98,8 @@ def distill(
         with options.autocast():
             loss = dm_loss(*embed_pair(net, real, syn, cfg.dsa_strategy, generator, cfg.embed_chunk, dtype,
                                        cfg.dsa_mode))
+            if extra is not None:
+                loss = loss + extra(syn, classes, generator)
         options.step(loss, opt)
         if progress is not None:
             progress(it + 1, cfg.iterations, {"loss": float(loss.detach())})
