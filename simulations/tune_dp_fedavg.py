@@ -49,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "epochs augment (train-dsa-strategy=auto,none)")
     parser.add_argument("--validation", type=int, default=6000,
                         help="training records held out to score the points (default 6000)")
-    add_settings(parser, ("dataset", "data-dir", "num-clients", "alpha", "seed"), preset="fmnist")
+    add_settings(parser, DATA_FLAGS, preset="fmnist")
     return parser
+
+
+# the flags that define the clients' data: fixed for a whole grid (the validation split and the
+# partitions are carved once), so they are flags (or --set), never grid axes
+DATA_FLAGS = ("dataset", "data-dir", "num-clients", "partition", "alpha", "classes-per-client", "seed")
 
 
 def parse_grid(text: str) -> list[dict[str, str]]:
@@ -62,6 +67,9 @@ def parse_grid(text: str) -> list[dict[str, str]]:
             raise ConfigError(f"--grid takes distinct KEY=V1,V2,... items, got {item!r}")
         if key not in KEYS:
             raise ConfigError(f"--grid: {key!r} is no run-config key")
+        if key in DATA_FLAGS or key in ("normalisation", "canaries"):
+            raise ConfigError(f"--grid: {key!r} defines the clients' data, which one grid shares; "
+                              f"give it as --{key} (or --set {key}=...), not as a grid axis")
         axes[key] = [v for v in values.split(",") if v]
     if not axes:
         raise ConfigError("--grid is empty")
@@ -105,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         points = parse_grid(args.grid)
         dp = {"dp": False} if args.plain else {"dp": True, "target-epsilon": args.epsilon}
-        cfg = from_flat(dp, base=settings_from_args(
-            args, ("dataset", "data-dir", "num-clients", "alpha", "seed")))
+        cfg = from_flat(dp, base=settings_from_args(args, DATA_FLAGS))
         configs = [from_flat(point, base=cfg) for point in points]
         clients, val = carve(cfg, args.validation)
         for point, c in zip(points, configs, strict=True):

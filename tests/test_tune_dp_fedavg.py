@@ -17,7 +17,8 @@ def test_the_grid_is_the_product_of_the_listed_values() -> None:
     assert parse_grid("local-lr=0.1,0.5 max-grad-norm=1") == [
         {"local-lr": "0.1", "max-grad-norm": "1"}, {"local-lr": "0.5", "max-grad-norm": "1"}]
     for bad, words in (("local-lr", "KEY=V1,V2"), ("lr=0.1", "no run-config key"),
-                       ("local-lr=0.1 local-lr=0.2", "distinct"), ("", "empty")):
+                       ("local-lr=0.1 local-lr=0.2", "distinct"), ("", "empty"),
+                       ("partition=pathological", "--partition"), ("local-lr=0.1 alpha=0.1", "--alpha")):
         with pytest.raises(ConfigError, match=words):
             parse_grid(bad)
 
