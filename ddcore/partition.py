@@ -36,6 +36,15 @@ class PartitionSpec:
             raise ConfigError(f"classes per client must be >= 1, got {self.classes_per_client}")
 
 
+def describe(spec: PartitionSpec) -> str:
+    """``dirichlet 0.5``, ``pathological 2 classes per client``, ``iid``: a report's words for ``spec``."""
+    if spec.scheme == "dirichlet":
+        return f"dirichlet {spec.alpha:g}"
+    if spec.scheme == "pathological":
+        return f"pathological {spec.classes_per_client} classes per client"
+    return spec.scheme
+
+
 def partition_indices(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
     """Split example positions ``0..len(labels)-1`` into ``spec.num_partitions`` disjoint sets.
 

@@ -27,7 +27,7 @@ import torch
 from ddcore.data import DataSplits
 from ddcore.errors import ConfigError
 from ddcore.files import environment
-from ddcore.partition import partition_indices
+from ddcore.partition import describe, partition_indices
 from ddcore.profile import measure_tree
 from ddcore.runconfig import RunConfig, from_flat
 from ddcore.settings import given, parse_set
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                                       budget.inversion_restarts)
     report = {
         "title": f"feddistill privacy vs utility ({cfg.dataset}, {cfg.partition.num_partitions} clients, "
-                 f"{cfg.partition.scheme} {cfg.partition.alpha:g})",
+                 f"{describe(cfg.partition)})",
         "config": recorded_config(args.preset, cfg), "environment": environment(cfg.distill.device),
         "epsilons": epsilons, "methods": methods, "dp_fedavg_settings": dp_fedavg,
         "dp_fedavg_no_noise_settings": no_noise,

@@ -29,7 +29,7 @@ import torch
 
 from ddcore.errors import ConfigError
 from ddcore.files import environment
-from ddcore.partition import partition_indices
+from ddcore.partition import describe, partition_indices
 from ddcore.runconfig import KEYS, RunConfig, from_flat, run_splits
 from ddcore.settings import add_settings, settings_from_args
 from simulations.common import check_dp_clients, fail, recorded_config, write_report
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         what = ("FedAvg tuning (no DP)" if args.plain
                 else f"DP-FedAvg tuning at epsilon {args.epsilon:g} per client")
         return {"title": f"{what} ({cfg.dataset}, "
-                         f"{part.num_partitions} clients, {part.scheme} {part.alpha:g})",
+                         f"{part.num_partitions} clients, {describe(part)})",
                 "config": recorded_config(args.preset, cfg), "grid": args.grid, "validation": len(val),
                 "points_done": f"{len(rows)} of {len(points)}",
                 "environment": environment(cfg.distill.device),
