@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ def environment(device: str) -> dict:
         except PackageNotFoundError:
             versions[pkg] = None
     return {
+        **provenance(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
@@ -35,6 +37,39 @@ def environment(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
+
+
+def provenance() -> dict[str, str]:
+    """The command that is running (``python -m module args`` when run as a module) and the
+    commit of the code (``git describe --always --dirty``; "unknown" outside a git checkout)."""
+    import subprocess
+    import sys
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    head = f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None else Path(sys.argv[0]).name
+    command = " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"],
+                                cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"command": command, "commit": commit}
+
+
+def provenance_line(report: dict) -> str:
+    """The markdown line that says which command at which commit wrote ``report`` (or "")."""
+    env = report.get("environment") or {}
+    if "command" not in env:
+        return ""
+    return f"Written by `{env['command']}` at commit {env['commit']}."
+
+
+def with_provenance(text: str, report: dict) -> str:
+    """``text`` (a report's markdown) ending with its :func:`provenance_line`."""
+    line = provenance_line(report)
+    return f"{text.rstrip()}\n\n{line}\n" if line else text
 
 
 def atomic_write(path: Path, data: bytes) -> None:

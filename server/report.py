@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ddcore.files import atomic_write
+from ddcore.files import atomic_write, with_provenance
 
 
 def _mb(n: int | None) -> str:
@@ -125,5 +125,5 @@ def write_report(out: Path, report: dict) -> None:
     """report.json, report.md and the history plots, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "report.json", json.dumps(report, indent=2, default=str).encode())
-    atomic_write(out / "report.md", markdown(report).encode())
+    atomic_write(out / "report.md", with_provenance(markdown(report), report).encode())
     plot_history(report, out)

@@ -180,10 +180,10 @@ def check_dp_clients(name: str, cfg: RunConfig, sizes: list[int]) -> None:
 def write_report(out: Path, report: dict, markdown: Callable[[dict], str],
                  plot: Callable[[dict, Path], None]) -> None:
     """report.json and report.md (atomically), the driver's plots, and the table on stdout."""
-    from ddcore.files import atomic_write
+    from ddcore.files import atomic_write, with_provenance
 
     atomic_write(out / "report.json", json.dumps(report, indent=2, default=str).encode())
-    atomic_write(out / "report.md", markdown(report).encode())
+    atomic_write(out / "report.md", with_provenance(markdown(report), report).encode())
     plot(report, out)
     print(markdown(report))
     print(f"report: {out / 'report.json'}")
