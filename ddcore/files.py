@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,9 +44,6 @@ def environment(device: str) -> dict:
 def provenance() -> dict[str, str]:
     """The command that is running (``python -m module args`` when run as a module) and the
     commit of the code (``git describe --always --dirty``; "unknown" outside a git checkout)."""
-    import subprocess
-    import sys
-
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     head = f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None else Path(sys.argv[0]).name

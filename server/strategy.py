@@ -171,9 +171,14 @@ class DistillStrategy(Strategy):
         """The checked summary a reply's arrays and meta carry (:func:`server.validation.validate`)."""
         return validate(arrays, meta, self.limits)
 
+    def summaries(self) -> dict[int, Summary]:
+        """node id -> the newest accepted summary of that client."""
+        return self.pool
+
     def pooled(self) -> Summary:
         """All accepted summaries pooled into one training set, in client-id order (:func:`client_order`)."""
-        return concat([self.pool[node] for node in client_order(self.pool)], self.limits.num_classes)
+        summaries = self.summaries()
+        return concat([summaries[node] for node in client_order(summaries)], self.limits.num_classes)
 
     def train_global(self, pooled: Summary, seed: int) -> torch.nn.Module:
         """Train a fresh global model on the pooled summaries."""
@@ -240,12 +245,8 @@ class CollaborativeStrategy(DistillStrategy):
         return len(contribution.summary)
 
     def summaries(self) -> dict[int, Summary]:
-        """node id -> the newest accepted summary of that client."""
+        """node id -> the newest accepted summary of that client (its soft labels set aside)."""
         return {node: c.summary for node, c in self.pool.items()}  # type: ignore[attr-defined]
-
-    def pooled(self) -> Summary:
-        summaries = self.summaries()
-        return concat([summaries[node] for node in client_order(summaries)], self.limits.num_classes)
 
     def train_global(self, pooled: Summary, seed: int) -> torch.nn.Module:
         """A fresh global model trained on the pool, with the pooled clients' soft labels as KD targets."""
@@ -386,9 +387,6 @@ class CountingFedProx(Counting, FedProx):
 
 class CountingFedAvgM(Counting, FedAvgM):
     """Flower's FedAvgM (server momentum on the averaged update, server step 1), bytes counted."""
-
-
-WEIGHT_SYSTEMS = ("fedavg", "fedprox", "fedavgm")
 
 
 def weight_strategy(cfg: RunConfig, ledger: Ledger) -> Counting:
