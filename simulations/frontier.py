@@ -302,6 +302,29 @@ def verdict_lines(run: dict) -> list[str]:
     return lines
 
 
+def summary_table(runs: list[dict]) -> list[str]:
+    """One row per (partition, width): the best of each family and where weights catch up."""
+    if not runs:
+        return []
+    lines = ["| partition | model | best distillation | best random real | best weight averaging "
+             "(rounds run) | distillation - weights (points) | upload distillation / weights | weights "
+             "first reach distillation |", "|---|---|---|---|---|---:|---:|---|"]
+    for run in runs:
+        v, pts = verdict(run["points"]), run["points"]
+        rr = best_under(pts, math.inf, "random_real")
+        d, w, reach = v["best_distill"], v["best_weights"], v.get("weights_reach_distill")
+
+        def at(p: dict | None) -> str:
+            return "-" if p is None else f"{_cell(p)}, {_mib(p['bytes_up'])}"
+
+        gap = f"{-v['gap_points']:+.2f}" if "gap_points" in v else "-"
+        ratio = f"{v['bytes_ratio']:.3g}x" if "bytes_ratio" in v else "-"
+        lines.append(f"| {run['partition']} | {model_name(run['width'])} | {at(d)} | {at(rr)} | "
+                     f"{at(w)} ({run['fedavg_rounds']}) | {gap} | {ratio} | "
+                     f"{'never' if reach is None else label(reach) + ', ' + _mib(reach['bytes_up'])} |")
+    return [*lines, ""]
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown: per (partition, width), the verdict, the frontier table and the points."""
     cfg = report["config"]
@@ -310,6 +333,7 @@ def markdown(report: dict) -> str:
              f"{cfg['iterations']} iterations; server training {cfg['train-epochs']} epochs (at least "
              f"{cfg['train-min-steps']} steps); weight averaging {cfg['local-epochs']} local epoch(s) per "
              f"round, every client every round. Bytes: every client's reply summed (upload only).", ""]
+    lines += summary_table(report["runs"])
     for run in report["runs"]:
         lines += [f"## {run['partition']}, {model_name(run['width'])} ({run['clients']} clients; "
                   f"{run['seconds'] / 60:.1f} min)", "", *verdict_lines(run), ""]
@@ -504,6 +528,11 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write(args.out / "report.json", json.dumps(report, indent=2, default=str).encode())
             atomic_write(args.out / "report.md", markdown(report).encode())
             plot(report, part.name, args.out)
+    report["seconds"] = before + time.perf_counter() - start
+    atomic_write(args.out / "report.json", json.dumps(report, indent=2, default=str).encode())
+    atomic_write(args.out / "report.md", markdown(report).encode())
+    for name in dict.fromkeys(r["partition"] for r in report["runs"]):
+        plot(report, name, args.out)
     print(markdown(report))
     print(f"report: {args.out / 'report.json'}")
     return 0

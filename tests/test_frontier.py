@@ -93,6 +93,8 @@ def test_a_tiny_frontier_measures_every_system_and_width_and_writes_its_report(t
     text = (out / "report.md").read_text()
     assert "## dirichlet-1.0, ConvNet-16" in text and "| budget (MiB) |" in text
     assert "Best distillation" in text
+    summary = [line for line in text.splitlines() if line.startswith("| dirichlet-1.0 | ConvNet-")]
+    assert len(summary) == 2  # the summary table: one row per (partition, width)
 
 
 def test_resume_adds_runs_and_refuses_other_settings_or_an_overwrite(tmp_path, capsys) -> None:
