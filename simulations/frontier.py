@@ -444,13 +444,13 @@ def previous_report(out: Path, resume: bool, config: dict) -> dict | None:
         old = report["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"--resume: cannot read the frontier report {path} ({exc!r})") from None
-    differ = sorted(k for k in set(_comparable(old)) | set(_comparable(config))
-                    if old.get(k) != config.get(k) and k not in PER_RUN_KEYS and k != "preset")
+    if not isinstance(runs, list):
+        raise ConfigError(f"--resume: {path} holds no list of runs")
+    old, new = _comparable(old), _comparable(config)
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if differ:
         raise ConfigError(f"--resume: the report in {out} was measured with other settings "
                           f"({', '.join(differ)}); choose another --out")
-    if not isinstance(runs, list):
-        raise ConfigError(f"--resume: {path} holds no list of runs")
     return report
 
 
