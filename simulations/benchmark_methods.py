@@ -442,7 +442,8 @@ def markdown(report: dict) -> str:
                   f"images, {top['epochs']} epoch(s) = {top['steps']} SGD steps, seed 0, the evaluation "
                   f"recipe otherwise: **{100 * top['accuracy']:.1f}%** test accuracy "
                   f"({top['seconds']:.0f} s wall / {top['cpu_seconds']:.0f} s CPU){paper}.", ""]
-    lines += [*report["notes"], "", f"Command: `{report['command']}`"]
+    commit = report.get("environment", {}).get("commit", "unknown")
+    lines += [*report["notes"], "", f"Command: `{report['command']}` (code of commit {commit})"]
     return "\n".join(lines) + "\n"
 
 

@@ -64,6 +64,7 @@ def test_benchmark_reports_accuracy_cost_and_bytes_per_seed(tmp_path, one_thread
             "| summary bytes | vs random-real (ConvNet) |")
     assert head in md
     assert "| random_real |" in md and "| dm |" in md and "Published" not in md  # digits: no MNIST figures
+    assert md.rstrip().endswith(f"(code of commit {report['environment']['commit']})")  # provenance
 
 
 def test_verdict_uses_twice_the_pooled_std() -> None:
