@@ -125,9 +125,10 @@ class Tuning:
 
 
 TUNING: dict[str, Tuning] = {
-    # 7 methods x IPC 1, 10 x 3 seeds x 4 architectures in < 60 min on 2 CPU cores: ~2,950
-    # CPU-seconds at 1 thread, timed per unit (docs/benchmark_methods.md): the evaluation trainings
-    # ~900 (200 SGD steps each), dm ~600, gm ~450, dd ~400, mtt and iadd ~320 each
+    # 7 methods x IPC 1, 10 x 3 seeds x 4 architectures on mnist5k, timed per unit in CPU seconds at
+    # 1 thread (docs/benchmark_methods.md): the evaluation trainings ~1,800 at the recipe's 400 SGD
+    # steps (~900 at the 200 this preset used before the instrument fix), dm ~600, gm ~450, dd ~400,
+    # mtt and iadd ~320 each
     "benchmark": Tuning(
         methods={"dm": {"iterations": 200}, "gm": {"iterations": 100}, "dd": {"iterations": 100},
                  "mtt": {"iterations": 100}, "iadd": {"iterations": 100}},
@@ -141,7 +142,7 @@ TUNING: dict[str, Tuning] = {
              "(GM: a fresh network every 10, 1 inner step; DD: 5 unrolled steps without augmentation, "
              "image step 0.05 at IPC 1 and 0.01 at IPC 10; MTT/IADD: 20 student steps and image step "
              "0.1 at IPC 1, 5 steps and 0.01 at IPC 10, experts 2 x 4 epochs); every evaluated model: "
-             "100 epochs or at least 200 SGD steps, DSA augmentation",
+             "the instrument's recipe (100 epochs or at least 400 SGD steps, one DSA op per batch)",
     ),
     # full Fashion-MNIST (60,000 training images, public normalisation) at IPC 1, 10, 50: random_real,
     # herding, dm, gm, mtt x 3 seeds, ConvNet only. Unit costs in CPU seconds at 1 thread, timed on
