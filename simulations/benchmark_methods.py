@@ -32,7 +32,7 @@ import torch
 from ddcore.config import DistillConfig, TrainConfig
 from ddcore.data import DataSplits
 from ddcore.errors import ConfigError
-from ddcore.files import atomic_write, environment
+from ddcore.files import atomic_write, environment, with_provenance
 from ddcore.methods import METHODS, check_method, distill
 from ddcore.methods.base import check_ipc
 from ddcore.models import MODELS, model_factory
@@ -120,8 +120,6 @@ class Tuning:
     methods: Mapping[str, Mapping[str, object]]  # method -> DistillConfig overrides (iterations, ...)
     note: str
     per_ipc: Mapping[tuple[str, int], Mapping[str, object]] = field(default_factory=dict)
-    # TrainConfig fields set over the preset's (every evaluated model); ``--set train-...`` still wins
-    train: Mapping[str, object] = field(default_factory=dict)
 
 
 TUNING: dict[str, Tuning] = {
@@ -149,9 +147,9 @@ TUNING: dict[str, Tuning] = {
     # this machine (docs/benchmark_methods.md): evaluation with the instrument's recipe (400 SGD
     # steps, chosen on the validation split, docs/bench.md) + the 10,000-image test ~10 / 36 / 101 s
     # at IPC 1 / 10 / 50 (x 15 summaries: ~2,200; until the instrument fix this tuning cut it to 200
-    # steps); herding ~29 s a job (embeds every training
-    # image; ~260); dm 0.5 / 0.5 / 1.2 s per update (100 / 100 / 40 updates: ~440); gm 1.3 / 1.6 /
-    # 3.2 s (25 / 25 / 10: ~310); mtt one expert epoch on 60,000 images ~50 s a job, an update ~0.8 s
+    # steps); herding ~29 s a job (embeds every training image; ~260); dm 0.5 / 0.5 / 1.2 s per update
+    # (100 / 100 / 40 updates: ~440); gm 1.3 / 1.6 / 3.2 s (25 / 25 / 10: ~310); mtt one expert epoch
+    # on 60,000 images ~50 s a job, an update ~0.8 s
     # at IPC 1 (20 student steps) and ~0.38 / ~1.9 s per student step at IPC 10 / 50 (full-batch
     # unroll; 30 updates x 20 steps, 15 x 5, 6 x 5: ~780); the --ceiling 2 row ~120. About 4,100
     # CPU-s, ~69 CPU-min at 1 thread. MTT's experts get one epoch (not 2 x 4).
@@ -176,12 +174,6 @@ def tuning_for(preset: str) -> Tuning:
     """The per-method tuning of ``preset`` (none for a preset without a :data:`TUNING` entry)."""
     return TUNING.get(preset, Tuning(methods={}, note=f"preset {preset!r}: its settings for every method, "
                                                       "no per-method tuning"))
-
-
-def tuned_preset(preset: str) -> RunConfig:
-    """The run preset ``preset`` with its tuning's training settings (the base the flags override)."""
-    base = run_preset(preset)
-    return replace(base, train=replace(base.train, **tuning_for(preset).train))
 
 
 def budget_for(preset: str, cfg: RunConfig, options: Mapping[str, object]) -> Budget:
@@ -241,7 +233,7 @@ def plan(args: argparse.Namespace) -> tuple[RunConfig, Budget, list[str], list[i
     note_ignored_centrally(values)  # accepted, but a central benchmark has no clients
     options = {k: v for k, v in values.items() if k in keys("distill") and k != "device"}
     cfg = check_device(from_flat({k: v for k, v in values.items() if k not in options},
-                                 base=tuned_preset(args.preset)))
+                                 base=run_preset(args.preset)))
     if cfg.distill.dp.enabled:
         raise ConfigError("the methods benchmark runs without DP (dp=false); for DP use "
                           "simulations.privacy_utility")
@@ -443,8 +435,7 @@ def markdown(report: dict) -> str:
                   f"images, {top['epochs']} epoch(s) = {top['steps']} SGD steps, seed 0, the evaluation "
                   f"recipe otherwise: **{100 * top['accuracy']:.1f}%** test accuracy "
                   f"({top['seconds']:.0f} s wall / {top['cpu_seconds']:.0f} s CPU){paper}.", ""]
-    commit = report.get("environment", {}).get("commit", "unknown")
-    lines += [*report["notes"], "", f"Command: `{report['command']}` (code of commit {commit})"]
+    lines += report["notes"]
     return "\n".join(lines) + "\n"
 
 
@@ -521,11 +512,11 @@ def main(argv: list[str] | None = None) -> int:
         **extra,
         "runs": rows,
         "notes": NOTES,
-        "command": "python -m simulations.benchmark_methods " + " ".join(argv),
     }
+    text = with_provenance(markdown(report), report)
     atomic_write(args.out / "report.json", json.dumps(report, indent=2).encode())
-    atomic_write(args.out / "report.md", markdown(report).encode())
-    print(markdown(report))
+    atomic_write(args.out / "report.md", text.encode())
+    print(text)
     print(f"report: {args.out / 'report.json'} ({report['wall_seconds'] / 60:.1f} min)")
     return 0
 

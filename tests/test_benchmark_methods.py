@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import replace
 
 import pytest
 import torch
 
+from ddcore.files import provenance_line
 from ddcore.models import ModelSpec, build_model
 from ddcore.runconfig import run_preset
 from simulations.benchmark_methods import (
@@ -64,7 +64,7 @@ def test_benchmark_reports_accuracy_cost_and_bytes_per_seed(tmp_path, one_thread
             "| summary bytes | vs random-real (ConvNet) |")
     assert head in md
     assert "| random_real |" in md and "| dm |" in md and "Published" not in md  # digits: no MNIST figures
-    assert md.rstrip().endswith(f"(code of commit {report['environment']['commit']})")  # provenance
+    assert md.rstrip().endswith(provenance_line(report)) and provenance_line(report)  # command and commit
 
 
 def test_verdict_uses_twice_the_pooled_std() -> None:
@@ -176,7 +176,7 @@ def test_fmnist_tuning_resolves_for_every_method_and_ipc(tmp_path) -> None:
     assert names == methods.split(",") and ipcs == [1, 10, 50]
     tuning = TUNING["fmnist"]
     assert budget.note == tuning.note
-    assert budget.train == replace(run_preset("fmnist").train, **tuning.train)
+    assert budget.train == run_preset("fmnist").train
     for method in ("dm", "gm", "mtt"):
         for ipc in ipcs:
             want = {**tuning.methods[method], **tuning.per_ipc.get((method, ipc), {})}
