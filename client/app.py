@@ -101,7 +101,9 @@ def distill_summary(message: Message, context: Context) -> Message:
     if cfg.rounds > 1:
         context.state[_PREVIOUS] = protocol.summary_content(summary, "float32", None, {})[protocol.SUMMARY]
     metrics = _with_privacy({"client-id": cid, "distill-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb,
-                             "images": len(summary)}, summary.meta, len(data))
+                             "images": len(summary),
+                             "near-copies-dropped": int(summary.meta.get("near-copies-dropped", 0))},
+                            summary.meta, len(data))
     resolution = cfg.summary_resolution or None
     content = protocol.summary_content(summary, cfg.summary_dtype, resolution, metrics)
     if soft is not None:

@@ -99,7 +99,13 @@ def distill_local(
     global_state: dict[str, torch.Tensor] | None = None,
     previous: Summary | None = None,
 ) -> tuple[Summary, Measurement]:
-    """Distill ``data`` as ``cfg`` says; with a global model, match models sampled around it."""
+    """Distill ``data`` as ``cfg`` says; with a global model, match models sampled around it.
+
+    Settings that would send private records are refused (:meth:`RunConfig.check_sends_no_record`)
+    and, unless ``allow-near-copies``, images within the client's near-copy threshold of one of its
+    records are dropped before anything is sent (:func:`drop_near_copies`).
+    """
+    cfg.check_sends_no_record()
     if cfg.distill.dp.enabled:
         import privacy.methods  # noqa: F401  (registers dp-gm and dp-dm)
     data = Dataset(data.x, data.y, num_classes, data.mean, data.std, data.name)
@@ -108,7 +114,38 @@ def distill_local(
         factory = perturbed_factory(factory, global_state, cfg.perturb)
     with measure(cfg.distill.device) as m:
         summary = distill(data, factory, replace(cfg.distill, seed=seed), init=previous)
+        if not cfg.allow_near_copies:
+            summary = drop_near_copies(summary, data)
     return summary, m
+
+
+def drop_near_copies(summary: Summary, data: Dataset) -> Summary:
+    """``summary`` without the images within ``data``'s near-copy threshold of one of its records.
+
+    The client's last guard before anything is sent (``allow-near-copies = false``): the threshold
+    is the 1st percentile of its own records' distances to their nearest other record
+    (:func:`privacy.attacks.memorisation.near_copy_threshold`; a client's few records sit farther
+    apart than a whole dataset's, so it is stricter than the server-side audit's). The meta says
+    how many were dropped (``near-copies-dropped``). A factorised summary cannot lose single
+    images: one within the threshold raises instead.
+    """
+    from privacy.attacks.memorisation import near_copy_threshold, pixels_of
+    from privacy.attacks.nearest import nearest_l2
+
+    if len(data) < 2 or len(summary) == 0:
+        return summary.with_meta(**{"near-copies-dropped": 0})
+    threshold = near_copy_threshold(data)
+    d, _ = nearest_l2(summary.images, data.x, transform=pixels_of(data))
+    copies = d <= threshold
+    if not bool(copies.any()):
+        return summary.with_meta(**{"near-copies-dropped": 0})
+    if summary.factors is not None:
+        raise ConfigError(f"{int(copies.sum())} decoded images of the factorised summary are near-copies of "
+                          "private records; distill from noise or set allow-near-copies=true")
+    keep = (~copies).nonzero().flatten()
+    lrs = summary.lrs
+    return Summary(summary.images[keep], summary.labels[keep], lrs, summary.meta).with_meta(
+        **{"near-copies-dropped": int(copies.sum())})
 
 
 def collaborate_local(
@@ -154,8 +191,7 @@ def release_statistics(
     sums and counts returned by an earlier call with the same data and bank (they are
     returned last, for the caller to keep on the device; never sent).
     """
-    from privacy.methods.dp_dm import bank_of
-    from privacy.statistics import public_sums, release, to_arrays
+    from privacy.statistics import bank_of, public_sums, release, to_arrays
 
     data = Dataset(data.x, data.y, num_classes, data.mean, data.std, data.name)
     factory = model_factory(cfg.distill.model, data.image_shape, num_classes, cfg.distill.device)

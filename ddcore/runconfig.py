@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 Scalar = str | int | float | bool
 SUMMARY_KINDS = ("images", "statistics")
+REAL_RECORD_METHODS = ("random_real", "herding")  # coresets: their summaries are private records
 NORMALISATIONS = ("data", "public")
 
 
@@ -36,7 +37,10 @@ class RunConfig:
     # std) or "public" (0.5 / 0.5: no statistic of the private data is used - what DP runs need)
     normalisation: str = "data"
     partition: PartitionSpec = field(default_factory=PartitionSpec)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    # federated runs start their images from noise: an image started from a private record and moved a
+    # little is that record (issue 34; docs/main_job.md). Central runs (the `central` preset) may start
+    # from real images: nothing leaves the machine
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(init="noise"))
     train: TrainConfig = field(default_factory=TrainConfig)  # server training on the pooled summaries
     rounds: int = 1  # distillation rounds: 1 = one-shot, > 1 = iterative (FedDM-style) or collaborative
     perturb: float = 0.01  # iterative rounds: relative radius of the models sampled around the global one
@@ -84,6 +88,12 @@ class RunConfig:
     # audit canaries (privacy.audit.run_canaries): m held-out images, inverted and mislabelled, each
     # put into one simulated client's data with probability 1/2; 0 = none (the drivers set it)
     canaries: int = 0
+    # send images that are (or start from, or paste in) private records: random_real and herding
+    # summaries, init="real", residual mixing. False refuses such settings up front in every federated
+    # front end (RunConfig.check_sends_no_record), and every client
+    # drops any image of its summary within its near-copy threshold of one of its records before
+    # sending (client.task.drop_near_copies); the random_real baseline sets it, to show what it leaks
+    allow_near_copies: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.fedavg_rounds < 0 or self.local_epochs < 1:
@@ -123,6 +133,29 @@ class RunConfig:
         parse_strategy(self.local_dsa_strategy)
         if self.summary_resolution < 0:
             raise ConfigError(f"summary-resolution must be >= 0, got {self.summary_resolution}")
+
+    def check_sends_no_record(self) -> None:
+        """Raise :class:`ConfigError` when this run's clients would send (near-copies of) private records.
+
+        Image summaries that are, start from or paste in private records need
+        ``allow-near-copies = true``. Every federated front end calls this before anything runs
+        (and a client before it distills); central runs (``python -m ddcore``, the methods benchmark)
+        send nothing and do not.
+        """
+        if self.summary_kind != "images" or self.allow_near_copies:
+            return
+        d = self.distill
+        why = None
+        if d.method in REAL_RECORD_METHODS:
+            why = f"method {d.method!r} sends real records"
+        elif d.init == "real":
+            why = "init='real' starts every image from a private record"
+        elif d.residual_alpha < 1:
+            why = "residual mixing (residual-alpha < 1) pastes real patches into the images"
+        if why:
+            raise ConfigError(f"{why}, so the server would receive near-copies of private data; use "
+                              "init='noise' and a matching method, or set allow-near-copies=true to send "
+                              "them knowingly")
 
     def _check_collaborative(self) -> None:
         """The collaborative settings' ranges, and what collaborative rounds cannot be combined with."""
@@ -305,7 +338,7 @@ RUN_PRESETS: dict[str, RunConfig] = {
     "quick": RunConfig(
         distill=DistillConfig(iterations=10, batch_real=64, outer_loop=2, model=ModelSpec(width=16),
                               syn_steps=2, dd_batch_real=8, mtt_syn_steps=2, mtt_experts=1,
-                              mtt_expert_epochs=2, mtt_expert_span=1, mtt_max_start=1),
+                              mtt_expert_epochs=2, mtt_expert_span=1, mtt_max_start=1, init="noise"),
         train=TrainConfig(epochs=10, min_steps=20),
         fedavg_rounds=3,
     ),
@@ -316,20 +349,22 @@ RUN_PRESETS: dict[str, RunConfig] = {
     # 200 / 1,000 / 3,000 updates gave 78.1 / 79.5 / 81.2% (random real 75.7%; 3,000 took 6 min 25 s
     # on 2 cores; docs/bench.md). Slower methods (gm, dd, mtt, iadd) take longer per update: pass
     # --iterations for them
-    "central": RunConfig(distill=DistillConfig(iterations=3000)),
+    # (real starts: a central distillation sends nothing, so near-copies leave no machine)
+    "central": RunConfig(distill=DistillConfig(iterations=3000), allow_near_copies=True),
     # the privacy-utility sweep (simulations.privacy_utility): 18 systems plus their audits must fit
     # in an hour on 2 cores (GM took ~4.5 min per system at 100 updates), so 60 image updates and
     # 10 FedAvg rounds; 16 real images per class per step keeps the DP sampling rate q well below 1
     # on clients of a few hundred examples
     "privacy": RunConfig(
         normalisation="public",  # no statistic of the private data enters a DP run
-        distill=DistillConfig(iterations=60, batch_real=16),
+        distill=DistillConfig(iterations=60, batch_real=16, init="noise"),
         fedavg_rounds=10,
     ),
     # the methods benchmark (simulations.benchmark_methods, which adds its per-method tuning): shorter
     # expert trajectories; every evaluated model is trained with the default recipe (400 steps at
     # least; until the instrument fix this preset cut it to 200)
-    "benchmark": RunConfig(distill=DistillConfig(mtt_expert_epochs=4, mtt_max_start=2)),
+    "benchmark": RunConfig(distill=DistillConfig(mtt_expert_epochs=4, mtt_max_start=2),
+                           allow_near_copies=True),
     # the research bench: full Fashion-MNIST (Debian's dataset-fashion-mnist), otherwise the default
     # settings (10 clients, Dirichlet 0.5, seed 0) but 15 FedAvg rounds: a round of 60,000 records
     # takes ~31 s on 2 cores, and with 30 `simulations.compare --preset fmnist` took 26 min (FedAvg
@@ -337,7 +372,7 @@ RUN_PRESETS: dict[str, RunConfig] = {
     "fmnist": RunConfig(dataset="fashion-mnist", normalisation="public", fedavg_rounds=15),
     # GPU-scale: ConvNet-128 and long optimisation, as in the papers
     "paper": RunConfig(
-        distill=DistillConfig(iterations=20000, model=ModelSpec(width=128)),
+        distill=DistillConfig(iterations=20000, model=ModelSpec(width=128), init="noise"),
         train=TrainConfig(epochs=1000, min_steps=0),
         fedavg_rounds=200,
     ),

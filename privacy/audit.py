@@ -32,6 +32,7 @@ from privacy.attacks.canary import Canaries, canary_audit, distance_scores, loss
 from privacy.attacks.inversion import invert_gradient, save_comparison, score_reconstruction
 from privacy.attacks.membership import ShadowTrainer, lira_attack, loss_threshold_attack
 from privacy.attacks.memorisation import memorisation
+from privacy.received import Received
 
 
 def audit_samples(splits: DataSplits, num: int, seed: int) -> tuple[Dataset, Dataset]:
@@ -117,12 +118,14 @@ def run_canaries(cfg: RunConfig, splits: DataSplits) -> Canaries | None:
 
 
 def canary_columns(canaries: Canaries, model: torch.nn.Module | None, pooled: Summary | None, *,
-                   delta: float, beta: float = CANARY_BETA, seed: int = 0) -> dict:
+                   delta: float, beta: float = CANARY_BETA, seed: int = 0,
+                   extra_scores: dict[str, torch.Tensor] | None = None) -> dict:
     """The one-run audit of a finished system: an epsilon lower bound from its canaries.
 
     Scores (higher = "included"): minus each canary's loss under the final global ``model``
     and, when the system released summaries, minus its L2 distance to the nearest image of the
-    ``pooled`` summary. Each available score is audited with
+    ``pooled`` summary, plus ``extra_scores`` (name -> (m,) scores: the server-view attacks on
+    releases and updates, :func:`privacy.server_audit.canary_scores`). Each available score is audited with
     :func:`~privacy.attacks.canary.canary_audit` at ``beta`` divided by the number of scores,
     so the largest bound (``eps_lower_bound``) holds at confidence ``1 - beta``; its guesses
     and right guesses come with it, and ``canary_max_certifiable`` is the most any of the
@@ -133,6 +136,7 @@ def canary_columns(canaries: Canaries, model: torch.nn.Module | None, pooled: Su
         scores["loss"] = loss_scores(model, canaries)
     if pooled is not None and len(pooled):
         scores["distance"] = distance_scores(canaries, pooled.images)
+    scores.update(extra_scores or {})  # the server-view attacks' scores (tracing, update loss change)
     results = {kind: canary_audit(score, canaries.included, delta=delta, beta=beta / len(scores), seed=seed)
                for kind, score in scores.items()}
     best = max(results, key=lambda k: results[k].eps_lower_bound) if results else None
@@ -212,7 +216,9 @@ def inversion_audit(cfg: RunConfig, data: Dataset, *, batch_size: int, noise_mul
 def audit_system(cfg: RunConfig, kind: str, final_state: dict[str, torch.Tensor] | None,
                  pooled: Summary | None, splits: DataSplits, members: Dataset, nonmembers: Dataset, *,
                  lira_shadows: int = 0, memorisation_reference: int = 1000,
-                 canaries: Canaries | None = None) -> dict:
+                 canaries: Canaries | None = None, received: Received | None = None,
+                 epsilons: dict[int, float] | None = None, closest_png: Path | None = None,
+                 title: str = "") -> dict:
     """The leakage audits of one finished system (``kind`` "distill" or "fedavg"), as report columns.
 
     ``mia_*``: loss-threshold membership inference on the final global model; ``lira``: LiRA
@@ -223,6 +229,12 @@ def audit_system(cfg: RunConfig, kind: str, final_state: dict[str, torch.Tensor]
     private" fractions on ``memorisation_reference`` images of each set); with ``canaries``,
     the canary audit's columns (:func:`canary_columns`, at the run's delta). Missing pieces
     (a system whose every round failed, FedAvg's absent summary) are None.
+
+    With ``received`` (what the server got from the clients), the server-view attack that fits it
+    (:func:`privacy.server_audit.server_view_audit`: ``server_view``, its headline
+    ``server_view_tpr_at_0.1pct_fpr`` and, for images, ``near_copy_fraction``; ``closest_png``: the
+    closest received/private pairs) - its scores also feed the canary audit's guesses.
+    ``epsilons``: client id -> epsilon spent (DP runs; every ROC point is checked against it).
     """
     mia: dict = {}
     model = global_model(cfg, final_state, splits.test) if final_state is not None else None
@@ -235,9 +247,23 @@ def audit_system(cfg: RunConfig, kind: str, final_state: dict[str, torch.Tensor]
     if pooled is not None:
         mem = memorisation_audit(pooled, splits, seed=cfg.partition.seed,
                                  max_reference=memorisation_reference)
+    view = None
+    if received is not None and received.kind is not None:
+        from privacy.server_audit import server_view_audit
+
+        view = server_view_audit(cfg, received, splits, samples=max(len(members), 1000),
+                                 seed=cfg.partition.seed, epsilons=epsilons, closest_png=closest_png,
+                                 title=title, extra_private=canaries.data.subset(canaries.included_index)
+                                 if canaries is not None else None)
     canary = {}
     if canaries is not None:
-        canary = canary_columns(canaries, model, pooled, delta=cfg.distill.dp.delta, seed=cfg.partition.seed)
+        extra = {}
+        if received is not None and received.kind in ("statistics", "weights"):
+            from privacy.server_audit import canary_scores
+
+            extra = canary_scores(cfg, received, splits, canaries, seed=cfg.partition.seed)
+        canary = canary_columns(canaries, model, pooled, delta=cfg.distill.dp.delta, seed=cfg.partition.seed,
+                                extra_scores=extra)
     loss = mia.get("loss_threshold", {})
     return {"mia_attack": "loss-threshold", "mia_auc": loss.get("auc"),
             "mia_tpr_at_1pct_fpr": loss.get("tpr_at_1pct_fpr"),
@@ -245,4 +271,5 @@ def audit_system(cfg: RunConfig, kind: str, final_state: dict[str, torch.Tensor]
             "mia_members": len(members), "mia_nonmembers": len(nonmembers), "lira": mia.get("lira"),
             "memorisation_closer_to_private": (mem or {}).get("closer_to_private_l2"),
             "memorisation_near_copy_fraction": (mem or {}).get("near_copy_fraction"), "memorisation": mem,
-            **canary}
+            "server_view": view, "server_view_tpr_at_0.1pct_fpr": (view or {}).get("tpr_at_0.1pct_fpr"),
+            "near_copy_fraction": (view or {}).get("near_copy_fraction"), **canary}

@@ -87,13 +87,18 @@ def class_sums(bank: EmbeddingBank, data: Dataset,
         for start in range(0, len(data), batch_size):
             x = data.x[start:start + batch_size].to(bank.device)
             y = data.y[start:start + batch_size].to(bank.device)
-            phi = clip_rows(bank.features(x), 1.0)  # (n, D), norm <= 1 exactly (guards rounding)
+            phi = record_features(bank, x)  # (n, D)
             if sums is None:
                 sums = torch.zeros((data.num_classes, phi.shape[1]), dtype=torch.float64, device=phi.device)
             sums.index_add_(0, y, phi.double())
     if sums is None:
         raise InvalidPrivacyParameterError("no records to release; a client needs at least one example")
     return sums, torch.bincount(data.y, minlength=data.num_classes).to(sums)
+
+
+def record_features(bank: EmbeddingBank, x: torch.Tensor) -> torch.Tensor:
+    """phi of every image of ``x`` (n, D), re-clipped to norm <= 1 exactly (guards rounding)."""
+    return clip_rows(bank.features(x), 1.0)
 
 
 def noisy_release(sums: torch.Tensor, counts: torch.Tensor, *, max_norm: float, noise_multiplier: float,

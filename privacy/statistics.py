@@ -1,7 +1,7 @@
 """Statistic summaries: each client releases its per-class bank statistics once; the server adds them.
 
 A client embeds every private record with the bank of random networks that ``cfg`` names
-(:func:`privacy.methods.dp_dm.bank_of`: built from ``bank-seed``, so the server rebuilds the
+(:func:`bank_of`: built from ``bank-seed``, so the server rebuilds the
 same feature map without any weights on the wire) and sends the per-class sums of the
 features and the per-class counts - with Gaussian noise under DP, as one Gaussian mechanism
 (:mod:`privacy.class_release`: sensitivity C under add/remove of one record, accounted exactly
@@ -30,18 +30,23 @@ import torch
 
 from ddcore.bank import EmbeddingBank
 from ddcore.config import DistillConfig
-from ddcore.data import Dataset, public_constants
+from ddcore.data import Dataset, public_constants, renormalise
+from ddcore.devicedata import DataSpec
 from ddcore.errors import SummaryError
+from ddcore.factorised import Factors
 from ddcore.mean_matching import match_class_means
 from ddcore.methods.base import Synthetic
+from ddcore.models import ModelFactory
 from ddcore.summary import Summary
 from ddcore.train import Progress
 from privacy.class_release import ClassStatistics, class_sums, noisy_release
+from privacy.mechanisms import check_model
 from privacy.record import privacy_record
 from privacy.single_release import SingleReleaseAccountant, release_plan
 
 logger = logging.getLogger(__name__)
 
+LR_IMAGES = 0.3  # the server's Adam step on the images (pixels in [-1, 1]); measured, see the README
 KIND = "statistics"  # meta "kind" of a statistics reply
 MAX_ABS = 1e12  # a sent sum or count beyond this (in feature units) is rejected as absurd
 BANK_KEYS = ("bank-size", "bank-seed", "bank-augment")
@@ -160,3 +165,51 @@ def synthesise(total: ClassStatistics, bank: EmbeddingBank, cfg: DistillConfig, 
     match_class_means(total.means(), bank, synthetic, iterations=cfg.iterations, lr=lr,
                       bounds=public.pixel_bounds(), progress=progress)
     return synthetic.summary(public, cfg)
+
+
+def bank_of(model_factory: ModelFactory, cfg: DistillConfig, shape: tuple[int, int, int]) -> EmbeddingBank:
+    """The DP-checked bank of ``cfg`` (size, seed, views) for images of ``shape``: public values,
+    rebuilt identically anywhere."""
+    bank = EmbeddingBank(model_factory, size=cfg.bank_size, seed=cfg.bank_seed, augment=cfg.bank_augment,
+                         strategy=cfg.dsa_strategy, shape=shape)
+    for net in bank.nets:  # no layer may mix records (BatchNorm): each record's feature is its own
+        check_model(net)
+    return bank
+
+
+def in_normalisation(summary: Summary, source: Dataset, target: Dataset) -> Summary:
+    """``summary`` (normalised like ``source``) re-expressed in ``target``'s normalisation.
+
+    A per-channel affine map (post-processing). A factorised summary folds it into its
+    hallucinators (``alpha * decode(w, b) + beta = decode(alpha w, alpha b + beta)``); its
+    bases stay as they are.
+    """
+    if source.mean == target.mean and source.std == target.std:
+        return summary
+    if summary.factors is None:
+        images = renormalise(summary.images, source.mean, source.std, target.mean, target.std)
+        return Summary(images, summary.labels, summary.lrs, summary.meta)
+    f = summary.factors
+    alpha = torch.tensor(source.std) / torch.tensor(target.std)  # (C,)
+    beta = (torch.tensor(source.mean) - torch.tensor(target.mean)) / torch.tensor(target.std)
+    factors = Factors(f.bases, f.weight * alpha.view(1, -1, 1, 1, 1), f.bias * alpha + beta)
+    h = f.hallucinators
+    return Summary.from_factors(factors, summary.labels[::h], summary.lrs, summary.meta)
+
+
+def global_summary(total: ClassStatistics, bank: EmbeddingBank, cfg: DistillConfig, spec: DataSpec, *,
+                   seed: int, progress: Progress | None = None) -> Summary:
+    """The server's global summary from the summed releases ``total``, in the run's normalisation.
+
+    :func:`synthesise` in the public normalisation (the server holds no record; ``spec`` gives the
+    label space and image shape), then the per-channel map into the run's (``spec``'s mean and
+    std), so the global model trains on it like on any pooled summary.
+    """
+    c, h, w = spec.image_shape
+    mean, std = public_constants(c)
+    empty, no_labels = torch.empty((0, c, h, w)), torch.empty(0, dtype=torch.long)
+    public = Dataset(empty, no_labels, spec.num_classes, mean, std, spec.name)
+    run = Dataset(empty, no_labels, spec.num_classes, spec.mean, spec.std, spec.name)
+    summary = synthesise(total, bank, cfg, public, torch.Generator().manual_seed(seed),
+                         lr=cfg.lr_or(LR_IMAGES), progress=progress)
+    return in_normalisation(summary, public, run).with_meta(method="statistics", **bank_meta(cfg))

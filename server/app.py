@@ -22,6 +22,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Read the run-config once, run the distillation rounds, write the report."""
     cfg = from_flat(dict(context.run_config))
+    cfg.check_sends_no_record()  # before any client is asked for anything
     splits = run_splits(cfg)
     result = run_distillation(grid, cfg, splits.test)
     out = Path(cfg.out_dir)

@@ -50,6 +50,72 @@ def canary_note(row: dict, beta: float | None) -> str:
             "A bound above 'eps spent' is a DP bug (docs/privacy_audit.md).")
 
 
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def near_copies_cell(view: dict | None) -> str:
+    """Near-copies among the received images (count and share), or what the system sent instead."""
+    if view is None:
+        return "-"
+    if view["kind"] != "images":
+        return f"0 (sends {view['kind']})"
+    return f"{view['near_copies']} of {view['received_images']} ({_share(view['near_copy_fraction'])})"
+
+
+def dp_bound_cell(view: dict | None) -> str:
+    """Whether every ROC point of the server-view attack sits under e^eps FPR + delta (DP rows)."""
+    if view is None or "dp_bound_holds" not in view:
+        return "-"
+    return "holds" if view["dp_bound_holds"] else "**VIOLATED**"
+
+
+def leakage_table(report: dict) -> list[str]:
+    """One row per system: accuracy, upload, epsilon, near-copies sent, the server-view attack, canaries.
+
+    With a ``reference`` report (``--reference``), the accuracy each system gained or gave up.
+    """
+    methods = {n: m for n, m in report["methods"].items() if m.get("leakage")}
+    if not methods:
+        return []
+    ref = (report.get("reference") or {}).get("accuracy", {})
+    head = ("| system | acc (%) | " + ("vs reference (points) | " if ref else "")
+            + "upload (MiB) | eps spent | near-copies sent | server-view attack | AUC | TPR @ 1% FPR "
+            "| TPR @ 0.1% FPR | DP bound "
+            "| canary eps lower bound |")
+    rows = [head, "|---|" + "---:|" * (head.count("|") - 2)]
+    for name, m in methods.items():
+        leak, view = m["leakage"], m["leakage"].get("server_view")
+        delta = ""
+        if ref:
+            before = ref.get(name)
+            delta = ("- | " if before is None or m["final_accuracy"] is None
+                     else f"{100 * (m['final_accuracy'] - before):+.2f} | ")
+        attack = "-" if view is None else view["attack"]
+        rows.append(f"| {name} | {_pct(m['final_accuracy'])} | {delta}{_mb(m['bytes_up'])} "
+                    f"| {_num(leak.get('epsilon_spent'))} | {near_copies_cell(view)} | {attack} "
+                    f"| {_num((view or {}).get('auc'))} | {_num((view or {}).get('tpr_at_1pct_fpr'))} "
+                    f"| {_num((view or {}).get('tpr_at_0.1pct_fpr'))} | {dp_bound_cell(view)} "
+                    f"| {canary_bound_cell(leak)} |")
+    notes = ["Server view (an honest-but-curious server attacks what it received): images - near-copies of "
+             "private records (L2 in pixels within the 1st percentile of private records' distances to their "
+             "nearest other record) and a membership attack scoring every private record (members) and every "
+             "held-out record (non-members) by minus its distance to the nearest received image; statistics "
+             "- the tracing attack <phi(x) - mu_ref, mean_release - mu_ref> on each client's release (the "
+             "most exposed client shown; the server's sum in report.json); weights - the change in each "
+             "record's loss from the model a client received to the one it sent back (round 1 and the last; "
+             "the most exposed client shown). DP bound: every ROC point under e^eps FPR + delta "
+             "(Clopper-Pearson, 95%)."]
+    for name, m in methods.items():
+        view = m["leakage"].get("server_view") or {}
+        if view.get("closest_png"):
+            notes.append(f"Closest pairs of {name}: [{view['closest_png']}]({view['closest_png']}).")
+    if ref:
+        notes.append(f"Reference: {ref and report['reference']['path']} (commit "
+                     f"{report['reference'].get('commit')}).")
+    return ["## What the server sees", "", *rows, "", *notes, ""]
+
+
 def markdown(report: dict) -> str:
     """The comparison table (and the verdict) as Markdown."""
     rows = ["| system | final acc (%) | best acc (%) | rounds | up (MiB) | down (MiB) | wall (s) |",
@@ -57,10 +123,11 @@ def markdown(report: dict) -> str:
     for name, m in report["methods"].items():
         rows.append(f"| {name} | {_pct(m['final_accuracy'])} | {_pct(m['best_accuracy'])} | {m['rounds']} "
                     f"| {_mb(m['bytes_up'])} | {_mb(m['bytes_down'])} | {m['wall_seconds']:.1f} |")
-    lines = [f"# {report.get('title', 'feddistill report')}", "", *rows, ""]
+    lines = [f"# {report.get('title', 'feddistill report')}", "", *rows, "", *leakage_table(report)]
     audited = {name: m["leakage"] for name, m in report["methods"].items() if m.get("leakage")}
     if audited:
-        lines += ["Leakage (membership inference on the global model: loss-threshold attack, "
+        lines += ["## The global model", "",
+                  "Leakage (membership inference on the global model: loss-threshold attack, "
                   f"{next(iter(audited.values()))['mia_members']} clients' training examples vs as many "
                   "held-out ones; memorisation: fraction of pooled images nearer to a private than to a "
                   "held-out image, 0.5 = no sign):", "",

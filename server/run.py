@@ -15,6 +15,7 @@ from ddcore.devicedata import DataSpec
 from ddcore.models import build_model
 from ddcore.runconfig import RunConfig, to_flat
 from ddcore.summary import Summary
+from privacy.received import Received
 from server.ledger import Ledger
 from server.strategy import (
     CollaborativeStrategy,
@@ -24,6 +25,18 @@ from server.strategy import (
     weight_strategy,
 )
 from server.validation import SummaryLimits
+
+
+def received_summaries(received: list[tuple[int, int, object]]) -> Received:
+    """The server's view of a distillation system: every accepted image or release, by client id."""
+    out = Received()
+    for _, cid, payload in received:
+        if hasattr(payload, "sums"):  # a statistics release (privacy.class_release.ClassStatistics)
+            out.releases[cid] = payload  # one release per client (statistics are one-shot)
+            continue
+        summary = getattr(payload, "summary", payload)  # a collaborative reply carries its summary
+        out.images.setdefault(cid, []).append(summary.images)
+    return out
 
 
 @dataclass
@@ -36,6 +49,7 @@ class SystemResult:
     rounds: int
     pooled: Summary | None = None  # the distillation systems' final pool
     final_state: dict[str, torch.Tensor] | None = None  # the global model after the last good round
+    received: Received | None = None  # what the server received from the clients (server-view attacks)
 
     def to_dict(self) -> dict:
         accuracies = [h["accuracy"] for h in self.ledger.history]
@@ -96,7 +110,8 @@ def run_distillation(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "dis
                             train_config=round_config(cfg, DataSpec.of(test)),
                             evaluate_fn=evaluate_fn(cfg, test, ledger))
     pooled = strategy.pooled() if strategy.pool else None
-    return SystemResult(name, ledger, time.perf_counter() - start, cfg.rounds, pooled, _state(result.arrays))
+    return SystemResult(name, ledger, time.perf_counter() - start, cfg.rounds, pooled, _state(result.arrays),
+                        received_summaries(strategy.received))
 
 
 def initial_model(cfg: RunConfig, test: Dataset) -> torch.nn.Module:
@@ -116,7 +131,7 @@ def run_fedavg(grid: Grid, cfg: RunConfig, test: Dataset, name: str = "fedavg") 
                             timeout=cfg.round_timeout, train_config=round_config(cfg, DataSpec.of(test)),
                             evaluate_fn=evaluate_fn(cfg, test, ledger))
     return SystemResult(name, ledger, time.perf_counter() - start, cfg.fedavg_rounds,
-                        final_state=_state(result.arrays))
+                        final_state=_state(result.arrays), received=Received(updates=strategy.kept_updates))
 
 
 def _state(arrays: ArrayRecord) -> dict[str, torch.Tensor] | None:

@@ -91,6 +91,9 @@ class DistillStrategy(Strategy):
         self.limits = limits
         self.ledger = ledger
         self.pool: dict[int, Summary] = {}  # node id -> newest accepted summary
+        # everything the server accepted, every round: (round, client id, summary or release); the
+        # server-view attacks (privacy.attacks.server_view) read what the server saw from it
+        self.received: list[tuple[int, int, object]] = []
 
     def summary(self) -> None:
         log(INFO, "\t├── method %s, ipc %d, rounds %d", self.cfg.distill.method,
@@ -135,6 +138,7 @@ class DistillStrategy(Strategy):
                 continue
             entry.images, entry.status = self.images_sent(summary), "accepted"
             fresh[entry.node_id] = summary
+            self.received.append((server_round, entry.client_id, summary))
         accepted = len(fresh)
         self.ledger.mark_silent(server_round)
         if accepted < self.cfg.min_clients:
@@ -274,8 +278,10 @@ class StatisticsStrategy(DistillStrategy):
 
     def __init__(self, cfg: RunConfig, limits: SummaryLimits, ledger: Ledger, spec: DataSpec) -> None:
         super().__init__(cfg, limits, ledger)
-        from privacy.methods.dp_dm import bank_of  # privacy (Opacus) loads only for statistics runs
-        from privacy.statistics import feature_dim
+        from privacy.statistics import (
+            bank_of,  # privacy (Opacus) loads only for statistics runs
+            feature_dim,
+        )
 
         self.spec = spec
         factory = model_factory(cfg.distill.model, spec.image_shape, spec.num_classes, cfg.distill.device)
@@ -300,30 +306,17 @@ class StatisticsStrategy(DistillStrategy):
 
     def pooled(self) -> Summary:
         """The global summary distilled from the sum of every accepted release (computed once per pool)."""
-        from ddcore.data import public_constants
         from privacy.class_release import ClassStatistics
-        from privacy.methods.dp_dm import LR_IMAGES, in_normalisation
-        from privacy.statistics import bank_meta, synthesise
+        from privacy.statistics import global_summary
 
         key = tuple(sorted(self.pool))
         if self._global is not None and self._global[0] == key:
             return self._global[1]
         total = ClassStatistics.total([self.pool[node] for node in key])
-        c, h, w = self.spec.image_shape
-        mean, std = public_constants(c)
-        empty = torch.empty((0, c, h, w))
-        public = Dataset(empty, torch.empty(0, dtype=torch.long), self.spec.num_classes, mean, std,
-                         self.spec.name)
-        run = Dataset(empty, torch.empty(0, dtype=torch.long), self.spec.num_classes, self.spec.mean,
-                      self.spec.std, self.spec.name)
-        generator = torch.Generator().manual_seed(self.cfg.distill.seed * 7_919 + len(key))
-        summary = synthesise(total, self.bank, self.cfg.distill, public, generator,
-                             lr=self.cfg.distill.lr_or(LR_IMAGES))
-        summary = in_normalisation(summary, public, run).with_meta(method="statistics", clients=len(key),
-                                                                   **bank_meta(self.cfg.distill))
+        summary = global_summary(total, self.bank, self.cfg.distill, self.spec,
+                                 seed=self.cfg.distill.seed * 7_919 + len(key)).with_meta(clients=len(key))
         self._global = (key, summary)
         return summary
-
 
 def client_order(pool: Mapping[int, Summary]) -> list[int]:
     """The nodes of ``pool`` in the order of the client ids their summaries carry.
@@ -356,6 +349,9 @@ class Counting:
     """
 
     ledger: Ledger
+    # what the server kept of the clients' updates for the server-view attacks: (round, the global
+    # weights sent, {client id: weights sent back}) of the first and the latest round
+    kept_updates: list[tuple[int, dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -363,16 +359,22 @@ class Counting:
         for message in messages:
             self.ledger.sent(server_round, message.metadata.dst_node_id,
                              protocol.content_bytes(message.content))
+        self.kept_updates = [u for u in self.kept_updates if u[0] == 1]
+        self.kept_updates.append((server_round, arrays.to_torch_state_dict(), {}))
         return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = sorted(replies, key=reply_order)  # a weighted mean's float sum depends on the order
+        latest = self.kept_updates[-1] if self.kept_updates else None
+        kept = latest[2] if latest is not None and latest[0] == server_round else {}
         for reply in replies:
             entry = reply_entry(self.ledger, server_round, reply)
             if entry is not None:
                 read_metrics(entry, reply.content.get(protocol.METRICS, {}), "train-seconds")
                 entry.status = "accepted"
+                if protocol.ARRAYS in reply.content:
+                    kept[entry.client_id] = reply.content[protocol.ARRAYS].to_torch_state_dict()
         self.ledger.mark_silent(server_round)
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
@@ -403,7 +405,7 @@ def weight_strategy(cfg: RunConfig, ledger: Ledger) -> Counting:
         strategy = CountingFedAvgM(**common, server_learning_rate=1.0, server_momentum=cfg.server_momentum)
     else:
         strategy = CountingFedAvg(**common)
-    strategy.ledger = ledger
+    strategy.ledger, strategy.kept_updates = ledger, []
     return strategy
 
 

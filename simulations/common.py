@@ -203,6 +203,17 @@ class System(NamedTuple):
     cfg: RunConfig
 
 
+def check_systems(systems: list[System]) -> None:
+    """Refuse, naming the system, any distillation system whose clients would send private records
+    (:meth:`ddcore.runconfig.RunConfig.check_sends_no_record`)."""
+    for system in systems:
+        if system.kind == "distill":
+            try:
+                system.cfg.check_sends_no_record()
+            except ConfigError as exc:
+                raise ConfigError(f"{system.name}: {exc}") from None
+
+
 def run_in_simulation(cfg: RunConfig, test, systems: list[System],
                       client_app: ClientApp | None = None) -> dict:
     """Run ``systems`` one after another in one simulation of ``cfg``'s clients.
@@ -222,6 +233,7 @@ def run_in_simulation(cfg: RunConfig, test, systems: list[System],
     unknown = [s.kind for s in systems if s.kind not in ("distill", "fedavg")]
     if unknown:
         raise ConfigError(f"unknown system kind(s) {unknown}; known: distill, fedavg")
+    check_systems(systems)
     results: dict = {}
     server_app = ServerApp()
 

@@ -4,13 +4,20 @@
 
 Runs the systems one after another in one Flower simulation (Ray backend, one virtual
 SuperNode per client) and writes report.json, report.md and plots into --out. ``--systems``
-picks them (default distill,random_real,fedavg):
+picks them (default distill,statistics,random_real,fedavg). Every report attacks what the server
+received from each system (near-copies and nearest-image membership for images, tracing for
+statistics, update loss change for weights: :mod:`privacy.server_audit`); ``--reference`` names
+an earlier report whose accuracies the leakage table compares with:
 
-- ``distill``: every client distills its data with ``method`` and the server pools the summaries
-  (or, with ``--set summary-kind=statistics``, the statistics system below);
+- ``distill``: every client distills its data with ``method`` from noise (``init=noise``; no image
+  leaves a client within its near-copy threshold of a private record) and the server pools the
+  summaries (or, with ``--set summary-kind=statistics``, the statistics system below);
 - ``statistics``: every client releases per-class statistics once (``summary-kind=statistics``,
   privacy.statistics) and the server adds them up and distills ``ipc`` images per class itself;
-- ``random_real``: every client sends ``ipc`` random real images per class;
+- ``distill_real``: ``distill`` with its images started from random real ones
+  (``init=real``, ``allow-near-copies=true``): the run that ships near-copies, to show what it leaks;
+- ``random_real``: every client sends ``ipc`` random real images per class (``allow-near-copies=true``:
+  they are private records);
 - ``fedavg``: Flower's FedAvg for ``fedavg-rounds`` rounds (skipped when that is 0);
 - ``fedprox``: Flower's FedProx, the same rounds and local recipe plus the proximal term
   (``proximal-mu``; 0 takes :data:`FEDPROX_MU`, chosen on a validation split);
@@ -44,6 +51,7 @@ from simulations.common import (
     add_run_flags,
     audit_budget,
     check_partitions,
+    check_systems,
     fail,
     recorded_config,
     run_config,
@@ -52,8 +60,9 @@ from simulations.common import (
     with_canaries,
 )
 
-SYSTEMS = ("distill", "statistics", "random_real", "fedavg", "fedprox", "fedavgm", "collaborative")
-DEFAULT_SYSTEMS = ("distill", "random_real", "fedavg")
+SYSTEMS = ("distill", "distill_real", "statistics", "random_real", "fedavg", "fedprox", "fedavgm",
+           "collaborative")
+DEFAULT_SYSTEMS = ("distill", "statistics", "random_real", "fedavg")
 WEIGHT_SYSTEMS = ("fedavg", "fedprox", "fedavgm")  # Flower's weight-averaging strategies
 WEIGHT_LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM"}
 # FedProx's mu and FedAvgM's server momentum when the run-config leaves them 0, chosen on a
@@ -87,7 +96,12 @@ def plan_systems(cfg: RunConfig, names: list[str]) -> list[System]:
     settings = {
         "distill": lambda: cfg,
         "statistics": lambda: replace(cfg, summary_kind="statistics"),
-        "random_real": lambda: replace(cfg, distill=random_real_config(cfg.distill), **images),
+        # the run's method started from real images, sending what that leaks (allow-near-copies)
+        "distill_real": lambda: replace(cfg, distill=replace(cfg.distill, init="real"),
+                                        allow_near_copies=True, **images),
+        # random real images exist to send raw records: the baseline every summary must beat
+        "random_real": lambda: replace(cfg, distill=random_real_config(cfg.distill), allow_near_copies=True,
+                                       **images),
         "fedavg": lambda: replace(cfg, proximal_mu=0.0, server_momentum=0.0, **images),
         "fedprox": lambda: replace(cfg, proximal_mu=cfg.proximal_mu or FEDPROX_MU, server_momentum=0.0,
                                    **images),
@@ -108,8 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default {','.join(DEFAULT_SYSTEMS)})")
     add_audit_flags(parser, ("audit-samples", "lira-shadows", "canaries"),
                     opt_in=("lira-shadows", "canaries"))
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="an earlier compare report.json: the leakage table says how many points each "
+                             "system gained or gave up against the system of the same name there")
     add_run_flags(parser)
     return parser
+
+
+def reference_accuracies(path: Path | None) -> dict | None:
+    """{"path", "commit", "accuracy": {system: final accuracy}} of an earlier report (``--reference``)."""
+    if path is None:
+        return None
+    import json
+
+    try:
+        earlier = json.loads(path.read_text())
+        accuracy = {name: m["final_accuracy"] for name, m in earlier["methods"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--reference {path}: not a readable compare report.json ({exc})") from None
+    return {"path": str(path), "commit": earlier.get("environment", {}).get("commit"), "accuracy": accuracy}
 
 
 def verdicts(methods: dict, ipc: int, test_size: int) -> list[str]:
@@ -146,6 +177,29 @@ def verdicts(methods: dict, ipc: int, test_size: int) -> list[str]:
     return out
 
 
+def leakage_verdicts(methods: dict) -> list[str]:
+    """What the server-view attacks found, per system, and what real starts buy in accuracy."""
+    out = []
+    for name, m in methods.items():
+        view = (m.get("leakage") or {}).get("server_view")
+        if view is None:
+            continue
+        found = (f"its attack ({view['attack']}) reaches AUC {view['auc']:.3f}, "
+                 f"TPR {view['tpr_at_0.1pct_fpr']:.3f} at 0.1% FPR")
+        if view["kind"] == "images":
+            share = 100 * view["near_copy_fraction"]
+            out.append(f"{name} sent {view['near_copies']} near-copies of private records among "
+                       f"{view['received_images']} images ({share:.1f}%); {found}.")
+        else:
+            out.append(f"{name} sent no image ({view['kind']}); {found}.")
+    d, real = methods.get("distill"), methods.get("distill_real")
+    if d and real and d["final_accuracy"] is not None and real["final_accuracy"] is not None:
+        out.append(f"Starting the images from noise instead of real records costs "
+                   f"{100 * (real['final_accuracy'] - d['final_accuracy']):+.2f} points "
+                   f"({100 * d['final_accuracy']:.2f}% vs {100 * real['final_accuracy']:.2f}%).")
+    return out
+
+
 def reach(weights_label: str, weights: dict, label: str, summary: dict) -> str:
     """When the weight-averaging system first matched ``summary``'s accuracy, and its upload by then."""
     target = summary["final_accuracy"]
@@ -176,9 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         names, budget, cfg = settings(args)
+        reference_accuracies(args.reference)  # a bad --reference fails before anything runs
         splits = check_partitions(cfg)
         canaries = run_canaries(cfg, splits)
         systems = plan_systems(cfg, names)  # each system checks its own settings (collaborative: DM, no DP)
+        check_systems(systems)
     except ValueError as exc:
         return fail(exc)
     with measure_tree() as usage:
@@ -190,13 +246,19 @@ def main(argv: list[str] | None = None) -> int:
         members, nonmembers = audit_samples(splits, budget.samples, seed=cfg.partition.seed)
         for system in systems:
             res = results[system.name]
+            per_client = (methods[system.name]["privacy"] or {}).get("per_client", {})
             leakage = audit_system(system.cfg, system.kind, res.final_state, res.pooled, splits, members,
                                    nonmembers, lira_shadows=budget.lira_shadows,
-                                   memorisation_reference=budget.memorisation_reference, canaries=canaries)
+                                   memorisation_reference=budget.memorisation_reference, canaries=canaries,
+                                   received=res.received,
+                                   epsilons={int(c): p["epsilon"] for c, p in per_client.items()},
+                                   closest_png=args.out / f"closest_{system.name}.png",
+                                   title=f"{system.name}: received image (top) and nearest private record")
             eps = (methods[system.name]["privacy"] or {}).get("epsilon_spent_max")
             leakage["epsilon_spent"] = eps
             leakage["canary_bound_exceeds_epsilon"] = warn_if_bound_exceeds(system.name, leakage, eps)
             methods[system.name]["leakage"] = leakage
+    args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "title": f"feddistill compare: {', '.join(s.name for s in systems)} ({cfg.dataset}, "
                  f"{cfg.partition.num_partitions} clients, {describe(cfg.partition)}, "
@@ -207,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         "resources": {"wall_seconds": usage.seconds, "peak_rss_mb": usage.peak_rss_mb,
                       "note": "whole simulation: driver plus Ray processes, RSS summed, sampled every 0.5 s"},
         "methods": methods,
-        "verdicts": verdicts(methods, cfg.distill.ipc, len(splits.test)),
+        "verdicts": verdicts(methods, cfg.distill.ipc, len(splits.test)) + leakage_verdicts(methods),
+        "reference": reference_accuracies(args.reference),
     }
     from ddcore.plots import plot_summary
     from server.report import write_report

@@ -147,7 +147,8 @@ def summary_points(cfg: RunConfig, system: str, clients: list[Dataset], test: Da
     num_classes = test.num_classes
     limits = SummaryLimits.for_data(test.image_shape, num_classes, cfg.max_images, test.pixel_bounds())
     distill = replace(cfg.distill, ipc=ipc)
-    run = replace(cfg, distill=random_real_config(distill) if system == "random_real" else distill)
+    run = (replace(cfg, distill=random_real_config(distill), allow_near_copies=True)
+           if system == "random_real" else replace(cfg, distill=distill))
     start = time.perf_counter()
     # the meta carries the client id, as a Flower client's reply does (its bytes count)
     summaries = [distill_local(data, run, num_classes, seed=client_seed(run, cid, 1))[0].with_meta(

@@ -50,10 +50,10 @@ from simulations.common import check_dp_clients, fail, recorded_config, warn_if_
 
 # name -> (kind, run-config keys on top of the preset); DP systems get "@eps=E" per --epsilons
 SYSTEMS: dict[str, tuple[str, dict]] = {
-    "random_real": ("distill", {"method": "random_real"}),
-    "dm": ("distill", {"method": "dm", "init": "real"}),
+    "random_real": ("distill", {"method": "random_real", "allow-near-copies": True}),
+    "dm": ("distill", {"method": "dm", "init": "real", "allow-near-copies": True}),
     "dm-noise": ("distill", {"method": "dm", "init": "noise"}),
-    "gm": ("distill", {"method": "gm", "init": "real"}),
+    "gm": ("distill", {"method": "gm", "init": "real", "allow-near-copies": True}),
     "dp-dm": ("distill", {"method": "dm", "init": "noise", "dp": True}),
     "fedavg": ("fedavg", {}),
     "dp-fedavg": ("fedavg", {"dp": True}),

@@ -33,7 +33,7 @@ from ddcore.runconfig import RunConfig, from_flat
 from ddcore.settings import given, parse_set
 from privacy.attacks.canary import Canaries
 from privacy.audit import CANARY_BETA, CANARY_KIND, run_canaries
-from server.report import canary_bound_cell, canary_guesses_cell, canary_note
+from server.report import canary_bound_cell, canary_guesses_cell, canary_note, dp_bound_cell, near_copies_cell
 from simulations.common import (
     RUN_FLAGS,
     AuditBudget,
@@ -43,6 +43,7 @@ from simulations.common import (
     audit_budget,
     check_dp_clients,
     check_partitions,
+    check_systems,
     fail,
     recorded_config,
     run_config,
@@ -211,12 +212,15 @@ def audit_row(row: dict, system: System, result, splits: DataSplits, members, no
     from privacy.audit import audit_system
 
     m = result.to_dict()
+    per_client = (m["privacy"] or {}).get("per_client", {})
     out = {**row, "system": system.name, "accuracy": m["final_accuracy"],
            "best_accuracy": m["best_accuracy"], "bytes_up": m["bytes_up"], "bytes_down": m["bytes_down"],
            "wall_seconds": m["wall_seconds"], **privacy_columns(m["privacy"]),
            **audit_system(system.cfg, system.kind, result.final_state, result.pooled, splits, members,
                           nonmembers, lira_shadows=budget.lira_shadows,
-                          memorisation_reference=budget.memorisation_reference, canaries=canaries),
+                          memorisation_reference=budget.memorisation_reference, canaries=canaries,
+                          received=result.received,
+                          epsilons={int(c): p["epsilon"] for c, p in per_client.items()}),
            "clients_failed": [c for c in m["clients"] if c["status"] in ("failed", "rejected")]}
     out["canary_bound_exceeds_epsilon"] = warn_if_bound_exceeds(system.name, out, out["epsilon_spent"])
     return out
@@ -265,7 +269,10 @@ def _row_cells(r: dict) -> list[str]:
             _fmt(r["steps"]), "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}",
             f"{r['bytes_up'] / 2**20:.2f}", _fmt(r["mia_auc"]), _fmt(r["mia_tpr_at_1pct_fpr"]),
             _fmt(r["mia_tpr_at_0.1pct_fpr"]), _fmt(lira.get("auc")), _fmt(lira.get("tpr_at_1pct_fpr")),
-            _fmt(r["memorisation_closer_to_private"], 2), canary_bound_cell(r), canary_guesses_cell(r)]
+            _fmt(r["memorisation_closer_to_private"], 2), near_copies_cell(r.get("server_view")),
+            (r.get("server_view") or {}).get("kind", "-"), _fmt((r.get("server_view") or {}).get("auc")),
+            _fmt(r.get("server_view_tpr_at_0.1pct_fpr")), dp_bound_cell(r.get("server_view")),
+            canary_bound_cell(r), canary_guesses_cell(r)]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -277,7 +284,8 @@ def markdown(report: dict) -> str:
     """The privacy-utility table, the inversion results, and how they were made."""
     audit = report["audit"]
     header = ["method", "eps target", "eps spent", "sigma", "q", "steps", "acc (%)", "up (MiB)", "MIA AUC",
-              "TPR@1%", "TPR@0.1%", "LiRA AUC", "LiRA TPR@1%", "closer to private", "eps lower bound",
+              "TPR@1%", "TPR@0.1%", "LiRA AUC", "LiRA TPR@1%", "closer to private", "near-copies sent",
+              "server view", "server-view AUC", "server-view TPR@0.1%", "DP bound", "eps lower bound",
               "canary guesses (right)"]
     lines = [f"# {report['title']}", "", *_table(header, [_row_cells(r) for r in report["rows"]]), "",
              "eps spent, sigma, q and steps are those of the client whose accountant reports the largest "
@@ -286,7 +294,12 @@ def markdown(report: dict) -> str:
              f"held-out examples; LiRA (FedAvg rows) with {audit['lira_shadows']} shadow models trained by a "
              "centralised proxy of the FedAvg recipe. 'closer to private': fraction of pooled synthetic "
              "images whose nearest private image is nearer (L2) than their nearest held-out image "
-             "(0.5 = no sign of memorisation).", "", canary_note(report["rows"][0], audit.get("canary_beta"))]
+             "(0.5 = no sign of memorisation). Server view: the attack on what the server received from "
+             "the clients - statistics: the tracing attack on each client's release, the most exposed "
+             "client; weights: the loss change of each client's update (rounds 1 and last), the most exposed "
+             "client; images: minus the distance to the nearest received image. DP bound: every ROC point of "
+             "that attack under e^eps FPR + delta with the client's epsilon (Clopper-Pearson, 95%).", "",
+             canary_note(report["rows"][0], audit.get("canary_beta"))]
     if report["inversion"]:
         rows = [[r["case"] + ("" if r["epsilon_target"] is None else f" eps={r['epsilon_target']:g}"),
                  str(r["batch_size"]), _fmt(r["noise_multiplier"], 2), f"{r['psnr']:.1f}", f"{r['ssim']:.2f}",
@@ -366,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = given(args, RUN_FLAGS)  # the command line beats the preset's FedAvg settings
         fedavg = {k: v for k, v in FEDAVG_SETTINGS.get(args.preset, {}).items() if k not in chosen}
         planned = plan_systems(cfg, methods, epsilons, dp_fedavg, fedavg, no_noise)
+        check_systems([s for _, s in planned])
         check_budgets(splits, planned, canaries)
     except ValueError as exc:
         return fail(exc)

@@ -60,7 +60,7 @@ class FinishedRun:
     """What audit_row reads of a finished system: a summary and the privacy its clients reported."""
 
     def __init__(self, pooled: Summary, epsilon: float) -> None:
-        self.pooled, self.final_state = pooled, None
+        self.pooled, self.final_state, self.received = pooled, None, None
         record = {"epsilon": epsilon, "delta": 1e-5, "noise-multiplier": 1.0, "sample-rate": 0.1,
                   "steps": 10}
         self.privacy = {"epsilon_spent_max": epsilon, "per_client": {"0": record}}

@@ -21,13 +21,13 @@ from ddcore.models import ModelSpec, model_factory
 from ddcore.summary import Summary
 from privacy.class_release import ClassStatistics, norm_split, release_class_statistics
 from privacy.errors import InvalidPrivacyParameterError, PrivacyError, PrivateInitError
-from privacy.methods.dp_dm import in_normalisation
 from privacy.single_release import (
     SingleReleaseAccountant,
     calibrate_gaussian,
     gaussian_delta,
     gaussian_epsilon,
 )
+from privacy.statistics import in_normalisation
 
 dp_accounting = pytest.importorskip("dp_accounting")
 

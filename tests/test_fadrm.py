@@ -258,7 +258,8 @@ def test_options_round_trip_through_the_run_config_and_the_cli() -> None:
 def test_the_flower_client_task_distills_with_the_options(tiny, one_thread) -> None:
     cfg = from_flat({"method": "mtt", "ipc": 2, "iterations": 3, "model-width": 8, "model-depth": 2,
                      "syn-steps": 2, "mtt-expert-epochs": 3, "mtt-max-start": 1, "residual-alpha": 0.5,
-                     "residual-every": 1, "multires": 0.5, "precision": "bf16", "soft-labels": "learned"})
+                     "residual-every": 1, "multires": 0.5, "precision": "bf16", "soft-labels": "learned",
+                     "allow-near-copies": True})  # residual mixing pastes real patches in
     summary, _ = distill_local(tiny, cfg, tiny.num_classes, seed=3)
     assert summary.images.shape == (6, 1, 8, 8) and summary.soft
     assert torch.allclose(summary.labels.sum(1), torch.ones(6))

@@ -129,37 +129,56 @@ def test_compare_refuses_bad_input_before_running(tmp_path, capsys) -> None:
     assert code == 2 and "unknown partition 'zipf'" in capsys.readouterr().err
     assert not out.exists()
     code = compare_main(["--preset", "quick", "--systems", "distill,pooled", "--out", str(out)])
-    assert code == 2 and "--systems takes distinct names of distill, statistics" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "--systems takes distinct names of distill, distill_real, statistics" in err
     code = compare_main(["--preset", "quick", "--set", "summary-kind=statistics", "rounds=2",
                          "--out", str(out)])
     assert code == 2 and "summary-kind 'statistics' is one release" in capsys.readouterr().err
+    assert not out.exists()
+    code = compare_main(["--preset", "quick", "--set", "init=real", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "distill: init='real' starts every image from a private record" in err
     assert not out.exists()
 
 
 @pytest.mark.slow
 def test_compare_reports_leakage_columns_for_every_system(tmp_path) -> None:
+    """End to end: the default systems plus statistics; the server's view of each is attacked, and no
+    image system but random_real sends a near-copy."""
     import json
 
     out = tmp_path / "cmp"
     code = compare_main(["--preset", "quick", "--dataset", "digits", "--clients", "3", "--ipc", "2",
-                         "--fedavg-rounds", "1", "--audit-samples", "50", "--canaries", "30",
-                         "--out", str(out)])
+                         "--fedavg-rounds", "2", "--audit-samples", "50", "--canaries", "30",
+                         "--systems", "distill,statistics,random_real,fedavg", "--out", str(out)])
     assert code == 0
     methods = json.loads((out / "report.json").read_text())["methods"]
-    for name in ("distill", "random_real", "fedavg"):
+    for name in ("distill", "statistics", "random_real", "fedavg"):
         leak = methods[name]["leakage"]
         assert 0 <= leak["mia_auc"] <= 1 and leak["mia_members"] == 50, name
-    # random real samples are private images: at least the sampled sources are found exactly
-    assert methods["random_real"]["leakage"]["memorisation_closer_to_private"] > 0
-    assert methods["fedavg"]["leakage"]["memorisation"] is None
-    for name in ("distill", "random_real", "fedavg"):  # the canary audit beside the (absent) accountant
+        assert 0 <= leak["server_view_tpr_at_0.1pct_fpr"] <= 1, name
+    views = {name: methods[name]["leakage"]["server_view"] for name in methods}
+    assert [views[n]["kind"] for n in methods] == ["images", "statistics", "images", "weights"]
+    # the default distillation starts from noise: nothing it sends is a near-copy of a private record
+    assert views["distill"]["near_copies"] == 0 and methods["distill"]["leakage"]["near_copy_fraction"] == 0
+    # random real images are private records: every one is a near-copy, and they are found as members
+    rr = views["random_real"]
+    held = sum(c["examples"] for c in methods["random_real"]["clients"])
+    assert rr["near_copy_fraction"] == 1.0
+    assert abs(rr["tpr_at_0.1pct_fpr"] - rr["received_images"] / held) <= 0.02
+    assert (out / "closest_distill.png").exists() and (out / "closest_random_real.png").exists()
+    assert {r["client"] for r in views["statistics"]["per_client"]} == {0, 1, 2}
+    assert {r["round"] for r in views["fedavg"]["per_client"]} == {1, 2}
+    for name in methods:  # the canary audit beside the (absent) accountant
         leak = methods[name]["leakage"]
         assert leak["canaries"] == 30 and 0 <= leak["eps_lower_bound"] <= leak["canary_max_certifiable"], name
         assert leak["epsilon_spent"] is None and leak["canary_bound_exceeds_epsilon"] is False, name
+    # its guesses come from the server-view attacks too
     assert set(methods["random_real"]["leakage"]["canary_audits"]) == {"loss", "distance"}
-    assert set(methods["fedavg"]["leakage"]["canary_audits"]) == {"loss"}
+    assert set(methods["statistics"]["leakage"]["canary_audits"]) == {"loss", "distance", "tracing"}
+    assert set(methods["fedavg"]["leakage"]["canary_audits"]) == {"loss", "update"}
     text = (out / "report.md").read_text()
-    assert "Leakage" in text and "eps lower bound" in text and "30 canaries" in text
+    assert "What the server sees" in text and "near-copies sent" in text and "30 canaries" in text
 
 
 @pytest.mark.parametrize("preset", ["default", "fmnist", "quick"])

@@ -15,8 +15,7 @@ from ddcore.errors import ConfigError, SummaryError
 from ddcore.models import ModelSpec, model_factory
 from ddcore.runconfig import from_flat
 from privacy.class_release import norm_split
-from privacy.methods.dp_dm import bank_of
-from privacy.statistics import feature_dim, read_statistics, release, synthesise, to_arrays
+from privacy.statistics import bank_of, feature_dim, read_statistics, release, synthesise, to_arrays
 from tests.conftest import blobs
 
 CFG = DistillConfig(ipc=2, iterations=30, bank_size=3, model=ModelSpec(width=8))

@@ -7,35 +7,19 @@ from dataclasses import replace
 
 import torch
 
-from ddcore.bank import EmbeddingBank
 from ddcore.config import DistillConfig
-from ddcore.data import Dataset, renormalise
-from ddcore.factorised import Factors
+from ddcore.data import Dataset
 from ddcore.mean_matching import match_class_means
 from ddcore.methods import register_method
 from ddcore.methods.base import Synthetic
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
 from ddcore.train import Progress
-from privacy.mechanisms import check_model
 from privacy.methods.base import private_start
 from privacy.record import PRIVACY_KEYS
-from privacy.statistics import bank_meta, public_view, release
+from privacy.statistics import LR_IMAGES, bank_meta, bank_of, in_normalisation, public_view, release
 
 logger = logging.getLogger(__name__)
-
-LR_IMAGES = 0.3  # Adam step on the images (pixels in [-1, 1]); measured, see the README
-
-
-def bank_of(model_factory: ModelFactory, cfg: DistillConfig, shape: tuple[int, int, int]) -> EmbeddingBank:
-    """The DP-checked bank of ``cfg`` (size, seed, views) for images of ``shape``: public values,
-    rebuilt identically anywhere."""
-    bank = EmbeddingBank(model_factory, size=cfg.bank_size, seed=cfg.bank_seed, augment=cfg.bank_augment,
-                         strategy=cfg.dsa_strategy, shape=shape)
-    for net in bank.nets:  # no layer may mix records (BatchNorm): each record's feature is its own
-        check_model(net)
-    return bank
-
 
 @register_method("dp-dm", factorised=True)
 def distill(
@@ -77,23 +61,3 @@ def distill(
     return summary.with_meta(method="dp-dm", **privacy,
                              normalisation="public" if public.mean == data.mean and public.std == data.std
                              else "public, mapped to the data's", **bank_meta(cfg))
-
-
-def in_normalisation(summary: Summary, source: Dataset, target: Dataset) -> Summary:
-    """``summary`` (normalised like ``source``) re-expressed in ``target``'s normalisation.
-
-    A per-channel affine map (post-processing). A factorised summary folds it into its
-    hallucinators (``alpha * decode(w, b) + beta = decode(alpha w, alpha b + beta)``); its
-    bases stay as they are.
-    """
-    if source.mean == target.mean and source.std == target.std:
-        return summary
-    if summary.factors is None:
-        images = renormalise(summary.images, source.mean, source.std, target.mean, target.std)
-        return Summary(images, summary.labels, summary.lrs, summary.meta)
-    f = summary.factors
-    alpha = torch.tensor(source.std) / torch.tensor(target.std)  # (C,)
-    beta = (torch.tensor(source.mean) - torch.tensor(target.mean)) / torch.tensor(target.std)
-    factors = Factors(f.bases, f.weight * alpha.view(1, -1, 1, 1, 1), f.bias * alpha + beta)
-    h = f.hallucinators
-    return Summary.from_factors(factors, summary.labels[::h], summary.lrs, summary.meta)
