@@ -48,7 +48,13 @@ def test_sweep_reports_a_row_per_method_and_epsilon_with_its_audits(tmp_path) ->
     for name, r in rows.items():  # canary audit: 60 canaries certify less than 4, so no DP row can exceed it
         assert r["canaries"] == 60 and 0 <= r["eps_lower_bound"] <= r["canary_max_certifiable"] < 4, name
         assert 0 <= r["canary_correct"] <= r["canary_guesses"] <= 60, name
-        assert set(r["canary_audits"]) == ({"loss"} if "fedavg" in name else {"loss", "distance"}), name
+        fedavg = "fedavg" in name
+        assert set(r["canary_audits"]) == ({"loss", "update"} if fedavg else {"loss", "distance"}), name
+        # the server's view of every row is attacked, and no finite-epsilon row's ROC passes e^eps FPR + delta
+        assert r["server_view"]["kind"] == ("weights" if fedavg else "images"), name
+        assert 0 <= r["server_view_tpr_at_0.1pct_fpr"] <= 1, name
+        if r["dp"] and math.isfinite(r["epsilon_target"]):
+            assert r["server_view"]["dp_bound_holds"] is True, name
         assert r["canary_bound_exceeds_epsilon"] is False, (name, r["eps_lower_bound"], r["epsilon_spent"])
     assert report["audit"]["canaries"] == 60 and report["audit"]["canary_violations"] == []
     cases = {(r["case"], r["batch_size"]) for r in report["inversion"]}

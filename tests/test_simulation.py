@@ -12,7 +12,8 @@ from simulations.compare import main as compare_main
 
 DIGITS_3 = {"dataset": "digits", "num-clients": 3, "min-clients": 3, "fedavg-rounds": 0}
 SEED_METHODS = {"dd": {"method": "dd", "soft-labels": "learned"}, "mtt": {"method": "mtt", "multires": 0.5},
-                "iadd": {"method": "iadd", "residual-alpha": 0.5, "residual-every": 1}}
+                "iadd": {"method": "iadd", "residual-alpha": 0.5, "residual-every": 1,
+                         "allow-near-copies": True}}  # residual mixing pastes real patches in
 
 
 @pytest.mark.slow
