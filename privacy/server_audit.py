@@ -10,6 +10,9 @@ system sends something else (:class:`Received`), and each gets its attack from
 - weights (FedAvg and its kin): the loss-change attack on each client's update (the first and the
   last round the server kept).
 
+Per-client attacks compare a client's records with held-out records of the same classes in the
+same numbers (:func:`matched`): otherwise they would detect the client's label mix, not membership.
+
 The headline of every system is ``tpr_at_0.1pct_fpr`` of its strongest attack on what the server
 saw (for releases and updates: the most exposed client), beside ``near_copy_fraction`` for images.
 Under DP every attack's ROC is checked against ``e^eps FPR + delta``
@@ -49,8 +52,33 @@ def client_records(cfg: RunConfig, splits: DataSplits) -> dict[int, Dataset]:
     return {cid: splits.train.subset(part) for cid, part in enumerate(parts)}
 
 
-def _sample(data: Dataset, n: int, generator: torch.Generator) -> Dataset:
-    return data.subset(torch.randperm(len(data), generator=generator)[:n]) if len(data) > n else data
+def matched(members: Dataset, nonmembers: Dataset, n: int,
+            generator: torch.Generator) -> tuple[Dataset, Dataset]:
+    """At most ``n`` members and as many non-members with the *same* number of records of every class.
+
+    A client's records follow its own label distribution (Dirichlet, two classes per client), the
+    held-out records the population's. An update trained on a client's classes lowers the loss of
+    every record of those classes, member or not; compared with an unmatched non-member set, an
+    attack would detect the client's class mix - a property of its data set that record-level DP
+    does not hide - and read it as membership. Matching the classes leaves membership as the only
+    difference. Classes are filled in proportion to the client's counts, capped by the held-out ones.
+    """
+    counts_in = torch.bincount(members.y, minlength=members.num_classes)
+    counts_out = torch.bincount(nonmembers.y, minlength=members.num_classes)
+    take = torch.minimum(counts_in, counts_out)
+    if int(take.sum()) > n:  # scale down, keeping the client's proportions
+        take = torch.floor(take.double() * n / float(take.sum())).long()
+    pick_in, pick_out = [], []
+    for c in range(members.num_classes):
+        k = int(take[c])
+        if k == 0:
+            continue
+        rows_in, rows_out = (members.y == c).nonzero().flatten(), (nonmembers.y == c).nonzero().flatten()
+        pick_in.append(rows_in[torch.randperm(len(rows_in), generator=generator)[:k]])
+        pick_out.append(rows_out[torch.randperm(len(rows_out), generator=generator)[:k]])
+    if not pick_in:
+        raise AuditError(f"{members.name}: no class it holds has a held-out record to compare with")
+    return members.subset(torch.cat(pick_in)), nonmembers.subset(torch.cat(pick_out))
 
 
 def heldout_halves(heldout: Dataset, generator: torch.Generator) -> tuple[Dataset, Dataset]:
@@ -99,23 +127,22 @@ class StatisticsView:
 def statistics_view(cfg: RunConfig, received: Received, splits: DataSplits, *, samples: int,
                     generator: torch.Generator, epsilons: dict[int, float], delta: float) -> dict:
     """The tracing attack on each client's release (members: its records) and on the server's sum."""
-    reference, nonmembers = heldout_halves(splits.test, generator)
-    nonmembers = _sample(nonmembers, samples, generator)
+    reference, heldout = heldout_halves(splits.test, generator)
     view = StatisticsView(cfg, splits, reference)
     records = client_records(cfg, splits)
-    out_scores = view.scores(nonmembers, ClassStatistics.total(list(received.releases.values())))
     rows = []
     for cid, release in sorted(received.releases.items()):
         if cid not in records:
             continue  # a deployed node's own data: the simulation holds no copy to attack with
-        member = view.scores(_sample(records[cid], samples, generator), release)
-        nonmember = view.scores(nonmembers, release)
+        members, nonmembers = matched(records[cid], heldout, samples, generator)
+        member, nonmember = view.scores(members, release), view.scores(nonmembers, release)
         rows.append({"client": cid, **membership_summary(member, nonmember),
                      "dp_bound": _bound(member, nonmember, epsilons.get(cid), delta)})
     if not rows:
         raise AuditError("no statistics release of a known client to attack")
     total = ClassStatistics.total(list(received.releases.values()))
-    member = view.scores(_sample(splits.train, samples, generator), total)
+    members, nonmembers = matched(splits.train, heldout, samples, generator)
+    member, out_scores = view.scores(members, total), view.scores(nonmembers, total)
     worst = _headline(rows)
     attack = "tracing (per-client release; Homer et al. 2008, Dwork et al. 2015)"
     return {"kind": "statistics", "attack": attack,
@@ -136,7 +163,6 @@ def weights_view(cfg: RunConfig, received: Received, splits: DataSplits, *, samp
                  generator: torch.Generator, epsilons: dict[int, float], delta: float) -> dict:
     """The loss-change attack on each client's update, in every round the server kept."""
     records = client_records(cfg, splits)
-    nonmembers = _sample(splits.test, samples, generator)
     rows = []
     for server_round, sent, replies in received.updates:
         before = _model(cfg, sent, splits.test)
@@ -144,7 +170,8 @@ def weights_view(cfg: RunConfig, received: Received, splits: DataSplits, *, samp
             if cid not in records:
                 continue
             after = _model(cfg, state, splits.test)
-            member = update_scores(before, after, _sample(records[cid], samples, generator))
+            members, nonmembers = matched(records[cid], splits.test, samples, generator)
+            member = update_scores(before, after, members)
             nonmember = update_scores(before, after, nonmembers)
             rows.append({"client": cid, "round": server_round, **membership_summary(member, nonmember),
                          "dp_bound": _bound(member, nonmember, epsilons.get(cid), delta)})

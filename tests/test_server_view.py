@@ -152,3 +152,28 @@ def test_default_compare_systems_send_no_private_record_unless_they_exist_to() -
         allowed = {s.name for s in plan_systems(cfg, list(SYSTEMS)) if s.cfg.allow_near_copies}
         assert allowed == {"random_real", "distill_real"}, preset
         assert run_preset(preset).distill.init == "noise"
+
+
+def test_per_client_attacks_compare_class_matched_records() -> None:
+    """A client's label mix alone must not read as membership: an update trained on classes 0 and 1
+    lowers the loss of *unseen* records of those classes too, and only class matching tells."""
+    from ddcore.config import TrainConfig
+    from ddcore.models import ModelSpec, build_model
+    from ddcore.train import train_model
+    from privacy.server_audit import matched
+    from tests.conftest import blobs
+
+    data = blobs(n_per_class=60, num_classes=4, seed=0)
+    two = (data.y < 2).nonzero().flatten()
+    trained, unseen = data.subset(two[::2]), data.subset(two[1::2])  # unseen: same classes, not trained on
+    heldout = blobs(n_per_class=60, num_classes=4, seed=1)  # every class
+    before = build_model(ModelSpec(width=8), data.image_shape, 4, torch.Generator().manual_seed(0))
+    after = build_model(ModelSpec(width=8), data.image_shape, 4, torch.Generator().manual_seed(0))
+    recipe = TrainConfig(epochs=20, lr=0.05, dsa_strategy="none", min_steps=0, batch_size=16)
+    train_model(after, trained.x, trained.y, recipe, torch.Generator().manual_seed(3))
+    naive = membership_summary(update_scores(before, after, unseen), update_scores(before, after, heldout))
+    assert naive["auc"] > 0.7  # the class mix alone looks like membership
+    a, b = matched(unseen, heldout, 1000, torch.Generator().manual_seed(4))
+    assert torch.equal(torch.bincount(a.y, minlength=4), torch.bincount(b.y, minlength=4))
+    fair = membership_summary(update_scores(before, after, a), update_scores(before, after, b))
+    assert abs(fair["auc"] - 0.5) < 0.15  # no member among them: matched, the attack is near guessing
