@@ -132,20 +132,18 @@ def drop_near_copies(summary: Summary, data: Dataset) -> Summary:
     from privacy.attacks.memorisation import near_copy_threshold, pixels_of
     from privacy.attacks.nearest import nearest_l2
 
-    if len(data) < 2 or len(summary) == 0:
-        return summary.with_meta(**{"near-copies-dropped": 0})
-    threshold = near_copy_threshold(data)
-    d, _ = nearest_l2(summary.images, data.x, transform=pixels_of(data))
-    copies = d <= threshold
+    copies = torch.zeros(len(summary), dtype=torch.bool)
+    if len(data) >= 2 and len(summary):
+        d, _ = nearest_l2(summary.images, data.x, transform=pixels_of(data))
+        copies = d <= near_copy_threshold(data)
+    dropped = {"near-copies-dropped": int(copies.sum())}
     if not bool(copies.any()):
-        return summary.with_meta(**{"near-copies-dropped": 0})
+        return summary.with_meta(**dropped)
     if summary.factors is not None:
-        raise ConfigError(f"{int(copies.sum())} decoded images of the factorised summary are near-copies of "
-                          "private records; distill from noise or set allow-near-copies=true")
+        raise ConfigError(f"{dropped['near-copies-dropped']} decoded images of the factorised summary are "
+                          "near-copies of private records; distill from noise or set allow-near-copies=true")
     keep = (~copies).nonzero().flatten()
-    lrs = summary.lrs
-    return Summary(summary.images[keep], summary.labels[keep], lrs, summary.meta).with_meta(
-        **{"near-copies-dropped": int(copies.sum())})
+    return Summary(summary.images[keep], summary.labels[keep], summary.lrs, summary.meta).with_meta(**dropped)
 
 
 def collaborate_local(
