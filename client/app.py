@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Mapping
+from dataclasses import replace
+
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import protocol
+from client.secure import secure_route
 from client.task import (
     client_id,
     client_seed,
@@ -18,6 +24,7 @@ from client.task import (
     release_statistics,
 )
 from ddcore.data import Dataset
+from ddcore.frozen import FeatureCache
 from ddcore.profile import Measurement
 from ddcore.runconfig import RunConfig, from_flat
 from ddcore.summary import Summary
@@ -48,7 +55,7 @@ def _with_privacy(metrics: dict, record: dict, num_examples: int) -> dict:
     return {**metrics, **{k: record[k] for k in PRIVACY_KEYS}}
 
 
-def _local_data(cfg: RunConfig, context: Context, message: Message) -> Dataset:
+def _local_data(cfg: RunConfig, context: Context, config: Mapping) -> Dataset:
     """This node's data, kept in the node's ``context.state`` after the first message.
 
     Loading and partitioning take seconds; FedAvg sends a message per round, so the node
@@ -60,7 +67,7 @@ def _local_data(cfg: RunConfig, context: Context, message: Message) -> Dataset:
         x, y = (torch.from_numpy(arrays[k].numpy()) for k in ("x", "y"))
         return Dataset(x, y, int(meta["num-classes"]),
                        tuple(meta["mean"]), tuple(meta["std"]), str(meta["name"]))
-    data = local_data(cfg, context.node_config, protocol.read_spec(message.content[protocol.CONFIG]))
+    data = local_data(cfg, context.node_config, protocol.read_spec(config))
     context.state[_DATA] = ArrayRecord({"x": Array(data.x.numpy()), "y": Array(data.y.numpy())})
     context.state[_DATA_META] = ConfigRecord({"key": key, "num-classes": data.num_classes,
                                               "mean": list(data.mean), "std": list(data.std),
@@ -70,7 +77,12 @@ def _local_data(cfg: RunConfig, context: Context, message: Message) -> Dataset:
 
 def _read_config(message: Message) -> tuple[RunConfig, int, int]:
     """The run config, number of classes and round the server sent."""
-    flat = {k: v for k, v in message.content[protocol.CONFIG].items() if k not in protocol.SPEC_KEYS}
+    return _read_flat(message.content[protocol.CONFIG])
+
+
+def _read_flat(config: Mapping) -> tuple[RunConfig, int, int]:
+    """The run config, number of classes and round of a round config (the ``CONFIG`` record)."""
+    flat = {k: v for k, v in config.items() if k not in protocol.SPEC_KEYS}
     num_classes = int(flat.pop(protocol.NUM_CLASSES))
     server_round = int(flat.pop(protocol.SERVER_ROUND, 1))
     return from_flat(flat), num_classes, server_round
@@ -81,7 +93,7 @@ def distill_summary(message: Message, context: Context) -> Message:
     """Distill this node's data and reply with the (compactly encoded) summary."""
     cfg, num_classes, server_round = _read_config(message)
     cid = client_id(context.node_config)
-    data = _local_data(cfg, context, message)
+    data = _local_data(cfg, context, message.content[protocol.CONFIG])
     global_state, previous = None, None
     if protocol.ARRAYS in message.content:  # iterative round: refine around the global model
         global_state = message.content[protocol.ARRAYS].to_torch_state_dict()
@@ -125,9 +137,13 @@ def _statistics_reply(message: Message, context: Context, data: Dataset, cfg: Ru
                 cfg.distill.bank_augment, num_classes))
     exact = None
     if _SUMS in context.state and context.state[_SUMS_META].get("key") == key:
-        exact = tuple(torch.from_numpy(context.state[_SUMS][k].numpy()) for k in ("sums", "counts"))
+        from privacy.class_release import ClassStatistics
+
+        kept = {k: torch.from_numpy(v.numpy()) for k, v in context.state[_SUMS].items()}
+        exact = ClassStatistics(kept["sums"], kept["counts"], kept.get("moments"))
     arrays, meta, m, exact = release_statistics(data, cfg, num_classes, seed, exact)
-    context.state[_SUMS] = ArrayRecord({"sums": Array(exact[0].numpy()), "counts": Array(exact[1].numpy())})
+    kept = {"sums": exact.sums, "counts": exact.counts, "moments": exact.moments}
+    context.state[_SUMS] = ArrayRecord({k: Array(v.numpy()) for k, v in kept.items() if v is not None})
     context.state[_SUMS_META] = ConfigRecord({"key": key})
     metrics = _with_privacy({"client-id": cid, "distill-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb,
                              "images": 0}, meta, len(data))
@@ -138,7 +154,8 @@ def _statistics_reply(message: Message, context: Context, data: Dataset, cfg: Ru
 
 
 def dp_fedavg_round(data: Dataset, cfg: RunConfig, num_classes: int, state: dict[str, torch.Tensor],
-                    seed: int, context: Context) -> tuple[dict[str, torch.Tensor], float, Measurement, dict]:
+                    seed: int, context: Context, features: FeatureCache | None = None,
+                    ) -> tuple[dict[str, torch.Tensor], float, Measurement, dict]:
     """One DP-FedAvg round whose accountant lives in ``context.state`` across the whole run.
 
     The state is keyed by the settings that define the budget; the reply's metrics carry the
@@ -152,23 +169,52 @@ def dp_fedavg_round(data: Dataset, cfg: RunConfig, num_classes: int, state: dict
                 sorted(context.node_config.items())))
     if _ACCOUNTANT in context.state and context.state[_ACCOUNTANT].get("key") == key:
         accountant.load_state_dict(dict(context.state[_ACCOUNTANT]))
-    new_state, loss, m, plan = dp_fedavg_local(data, cfg, num_classes, state, seed, accountant)
+    new_state, loss, m, plan = dp_fedavg_local(data, cfg, num_classes, state, seed, accountant, features)
     context.state[_ACCOUNTANT] = ConfigRecord({**accountant.state_dict(), "key": key})
     return new_state, loss, m, privacy_record(plan, accountant)
 
 
-@app.train()
+# --- secure aggregation (secure-aggregation = true): SecAgg+'s stages arrive as plain "train" messages,
+# so client.secure.secure_route on the default train handler takes them (FedAvg's pass through) ---
+
+def _secure_statistics(config: Mapping, context: Context,
+                       threshold: int) -> tuple[dict[str, np.ndarray], dict]:
+    """This node's share of a secure sum of statistics releases, and its metrics (sent in the clear).
+
+    The release of :func:`_statistics_reply` with the DP noise cut to this client's share of one
+    aggregate noise for a sum of at least ``threshold`` clients (:func:`privacy.secure_sum.share_config`),
+    drawn from an OS-seeded generator: the run's seeds are public, and a server that could redraw
+    the shares' noise could take it off the sum. The privacy record sent is the sum's
+    (:func:`privacy.secure_sum.aggregate_meta`). The exact sums are not cached here (each request
+    embeds the data once).
+    """
+    from privacy.secure_sum import aggregate_meta, share_config
+
+    cfg, num_classes, _ = _read_flat(config)
+    cid = client_id(context.node_config)
+    data = _local_data(cfg, context, config)
+    share = replace(cfg, distill=share_config(cfg.distill, threshold))
+    arrays, meta, m, _ = release_statistics(data, share, num_classes, secrets.randbits(63))
+    meta = aggregate_meta(meta, cfg.distill, threshold)
+    metrics = _with_privacy({"client-id": cid, "distill-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb,
+                             "images": 0}, meta, len(data))
+    return arrays, {**meta, **metrics}
+
+
+@app.train(mods=[secure_route(_secure_statistics)])
 def fedavg_update(message: Message, context: Context) -> Message:
     """One FedAvg round: train the received global model on local data, return the weights."""
     cfg, num_classes, server_round = _read_config(message)
     cid = client_id(context.node_config)
-    data = _local_data(cfg, context, message)
+    data = _local_data(cfg, context, message.content[protocol.CONFIG])
     state = message.content[protocol.ARRAYS].to_torch_state_dict()
     seed = client_seed(cfg, cid, server_round)
+    features = _kept_features(context)
     if cfg.distill.dp.enabled:
-        new_state, loss, m, record = dp_fedavg_round(data, cfg, num_classes, state, seed, context)
+        new_state, loss, m, record = dp_fedavg_round(data, cfg, num_classes, state, seed, context, features)
     else:
-        (new_state, loss, m), record = fedavg_local(data, cfg, num_classes, state, seed), {}
+        (new_state, loss, m), record = fedavg_local(data, cfg, num_classes, state, seed, features), {}
+    _keep_features(context, features)
     metrics = fedavg_reply_metrics(cid, len(data), loss, m, record)
     content = RecordDict({protocol.ARRAYS: ArrayRecord(new_state), protocol.METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=message)
@@ -188,3 +234,27 @@ def fedavg_reply_metrics(cid: int, num_examples: int, loss: float, m: Measuremen
     metrics: dict[str, int | float] = {"num-examples": num_examples, "client-id": cid,
                                        "train-seconds": m.seconds, "peak-rss-mb": m.peak_rss_mb}
     return {**metrics, **record} if record else {**metrics, "train-loss": loss}
+
+
+# --- the features of a head-only model (model "scatter"): a FedAvg node embeds its records once per run,
+# keyed by a digest of its records and of the frozen weights every global model carries (ddcore.frozen) ---
+_FEATURES, _FEATURES_META = "head-features", "head-features-meta"
+
+
+def _kept_features(context: Context) -> FeatureCache:
+    """A feature cache holding what this node kept from an earlier round (empty at first)."""
+    cache = FeatureCache()
+    if _FEATURES in context.state:
+        features = torch.from_numpy(context.state[_FEATURES]["features"].numpy())
+        cache.put(str(context.state[_FEATURES_META]["key"]), features)
+    return cache
+
+
+def _keep_features(context: Context, cache: FeatureCache) -> None:
+    """Keep the cache's features in the node's state when they are new (a model without a frozen
+    front leaves the cache empty and the state untouched)."""
+    latest = cache.latest()
+    if latest is None or (_FEATURES in context.state and context.state[_FEATURES_META]["key"] == latest[0]):
+        return
+    context.state[_FEATURES] = ArrayRecord({"features": Array(latest[1].numpy())})
+    context.state[_FEATURES_META] = ConfigRecord({"key": latest[0]})

@@ -12,6 +12,7 @@ import torch
 from ddcore.data import Dataset
 from ddcore.devicedata import DataSpec, load_device_data
 from ddcore.errors import ConfigError
+from ddcore.frozen import FeatureCache, trained_part
 from ddcore.methods import distill
 from ddcore.methods.collab import ClassSoftLabels, ClassTargets, class_soft_labels, distill_toward
 from ddcore.models import ModelFactory, build_model, model_factory
@@ -23,6 +24,7 @@ from ddcore.train import train_model
 
 if TYPE_CHECKING:  # privacy (and Opacus, ~2 s to import) loads only for DP runs
     from privacy.accounting import Accountant, DPPlan
+    from privacy.class_release import ClassStatistics
 
 NodeConfig = Mapping[str, str | int | float | bool]
 
@@ -179,25 +181,29 @@ def release_statistics(
     cfg: RunConfig,
     num_classes: int,
     seed: int,
-    exact: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[dict[str, np.ndarray], dict, Measurement, tuple[torch.Tensor, torch.Tensor]]:
+    exact: ClassStatistics | None = None,
+) -> tuple[dict[str, np.ndarray], dict, Measurement, ClassStatistics]:
     """This client's one statistics release (``summary-kind = "statistics"``), as arrays and meta.
 
     The bank is the run's (``bank-size``, ``bank-seed``, ``bank-augment`` and the distillation
     model), so the server rebuilds it; under DP (``dp = true``) the noise is calibrated for the
     run's per-client budget (:func:`privacy.statistics.release`). ``exact``: the noise-free
-    sums and counts returned by an earlier call with the same data and bank (they are
-    returned last, for the caller to keep on the device; never sent).
+    sums and counts (and second moments) returned by an earlier call with the same data and bank
+    (they are returned last, for the caller to keep on the device; never sent). With
+    ``statistics-head = "ridge"`` the release carries the features' second moments too.
     """
+    from privacy.mechanisms import noise_generator
     from privacy.statistics import bank_of, public_sums, release, to_arrays
 
     data = Dataset(data.x, data.y, num_classes, data.mean, data.std, data.name)
     factory = model_factory(cfg.distill.model, data.image_shape, num_classes, cfg.distill.device)
     with measure(cfg.distill.device) as m:
         bank = bank_of(factory, cfg.distill, data.image_shape)
-        if exact is None:
-            exact = public_sums(data, bank)
-        stats, meta = release(data, bank, cfg.distill, torch.Generator().manual_seed(seed), exact)
+        moments = cfg.statistics_head == "ridge"
+        if exact is None or (moments and exact.moments is None):
+            exact = public_sums(data, bank, moments)
+        noise = noise_generator(cfg.distill.dp, seed)  # secret unless secret-noise = false
+        stats, meta = release(data, bank, cfg.distill, noise, exact, moments)
     return to_arrays(stats), meta, m, exact
 
 
@@ -207,17 +213,23 @@ def fedavg_local(
     num_classes: int,
     state: dict[str, torch.Tensor],
     seed: int,
+    features: FeatureCache | None = None,
 ) -> tuple[dict[str, torch.Tensor], float, Measurement]:
     """One FedAvg client update: the local recipe (``RunConfig.local_training``) from the global weights.
 
     With ``proximal-mu`` > 0 (FedProx) every step's loss adds ``mu / 2 ||w - w_global||^2``.
+    A model that trains only its head (model ``scatter``, no local augmentation) trains the head
+    on the records' features, embedded once per call or kept in ``features`` (a cache the caller
+    keeps across rounds; :mod:`ddcore.frozen`): the same weights as training the whole model.
     """
     generator = torch.Generator().manual_seed(seed)
     model = build_model(cfg.distill.model, data.image_shape, num_classes, generator, cfg.distill.device)
     model.load_state_dict(state)
+    recipe = cfg.local_training()
     losses: list[float] = []
     with measure(cfg.distill.device) as m:
-        train_model(model, data.x, data.y, cfg.local_training(), generator,
+        part, x = trained_part(model, data.x, recipe.dsa_strategy, features)
+        train_model(part, x, data.y, recipe, generator,
                     progress=lambda step, total, metrics: losses.append(metrics["loss"]),
                     proximal_mu=cfg.proximal_mu)
     mean_loss = sum(losses) / max(len(losses), 1)
@@ -231,6 +243,7 @@ def dp_fedavg_local(
     state: dict[str, torch.Tensor],
     seed: int,
     accountant: Accountant,
+    features: FeatureCache | None = None,
 ) -> tuple[dict[str, torch.Tensor], float, Measurement, DPPlan]:
     """One DP-FedAvg client update: local DP-SGD (Opacus per-sample gradients) from the global weights.
 
@@ -239,7 +252,9 @@ def dp_fedavg_local(
 
     sigma is calibrated for ``cfg.fedavg_rounds`` rounds of this client's local steps, and
     ``accountant`` (kept by the caller across rounds) records every step; the epsilon it
-    reports covers the whole run so far.
+    reports covers the whole run so far. A model that trains only its head runs DP-SGD on the
+    head over the records' features (:func:`privacy.dpsgd.local_dpsgd`; ``features`` as in
+    :func:`fedavg_local`).
     """
     from privacy.dpsgd import fedavg_dpsgd_plan, local_dpsgd, steps_per_round
 
@@ -249,5 +264,5 @@ def dp_fedavg_local(
     model.load_state_dict(state)
     with measure(cfg.distill.device) as m:
         loss = local_dpsgd(model, data, cfg, plan, accountant, steps=steps_per_round(cfg, len(data)),
-                           generator=generator)
+                           generator=generator, features=features)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, loss, m, plan

@@ -61,6 +61,11 @@ class DPConfig:
     # "rdp" (Renyi DP) or "prv" (privacy random variables: numerically tight, less noise for the same
     # epsilon). One-release mechanisms (dp-dm, statistics) are always accounted exactly.
     accountant: str = "rdp"
+    # draw the noise (and DP-SGD's Poisson sampling) from the operating system's entropy, so that
+    # nobody who knows the run's seeds - the server does - can redraw the noise and subtract it.
+    # false: from the run's seed (bit-for-bit repeatable experiments and tests) - then the noise
+    # protects against no one who knows the seed (privacy.mechanisms.noise_generator)
+    secret_noise: bool = True
 
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0:

@@ -1,5 +1,5 @@
-"""Models: the distillation ConvNet, an MLP, LeNet, a small ResNet and the DP-SGD CNN, built from a seeded
-generator."""
+"""Models: the distillation ConvNet, an MLP, LeNet, a small ResNet, the DP-SGD CNN and ScatterNet + linear
+(:mod:`ddcore.scatter`), built from a seeded generator."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import nn
 
 from ddcore.errors import ConfigError
 from ddcore.registry import Registry
+from ddcore.scatter import ScatterLinear
 
 NORMS = ("instance", "group", "none", "batch")
 
@@ -20,8 +21,9 @@ NORMS = ("instance", "group", "none", "batch")
 class ModelSpec:
     """Which network to build and its size."""
 
-    name: str = "convnet"  # convnet | mlp | lenet | resnet | dpcnn
-    width: int = 32  # channels of each ConvNet block / of the ResNet stem / hidden units of the MLP
+    name: str = "convnet"  # convnet | mlp | lenet | resnet | dpcnn | scatter
+    # channels of each ConvNet block / of the ResNet stem / hidden units of the MLP / scatter's projection
+    width: int = 32
     depth: int = 3  # ConvNet blocks / ResNet residual blocks (each halves the resolution)
     norm: str = "instance"  # instance | group | none | batch (batch is not DP-compatible)
 
@@ -231,6 +233,7 @@ MODELS.register("mlp")(MLP)
 MODELS.register("lenet")(LeNet)
 MODELS.register("resnet")(ResNet)
 MODELS.register("dpcnn")(DPCNN)
+MODELS.register("scatter")(ScatterLinear)
 
 
 def embed_frozen(net: nn.Module, x: torch.Tensor, chunk: int, dtype: torch.dtype | None) -> torch.Tensor:

@@ -7,6 +7,7 @@ Its defaults (with ddcore's :mod:`ddcore.config` defaults inside) are the single
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 Scalar = str | int | float | bool
 SUMMARY_KINDS = ("images", "statistics")
+STATISTICS_HEADS = ("synthesis", "ridge")
 REAL_RECORD_METHODS = ("random_real", "herding")  # coresets: their summaries are private records
 NORMALISATIONS = ("data", "public")
 
@@ -80,6 +82,14 @@ class RunConfig:
     # "statistics" (per-class sums and counts of bank features, released once, added up by the server,
     # which distills the global summary itself; privacy.statistics)
     summary_kind: str = "images"
+    # how the server turns the summed statistics into a global model: "synthesis" (images started from
+    # noise, matched to the class means, then the global model trained on them) or "ridge" (clients also
+    # release the second moments of their features; the server solves a ridge classifier on the bank's
+    # feature map in closed form - with model "scatter", bank-size 1: ScatterNet + linear; no images)
+    statistics_head: str = "synthesis"
+    # the ridge penalty per record and feature, lambda * n / D (n the summed count); the server adds
+    # the spectral size of the moments' noise on top (privacy.statistics.ridge_head)
+    ridge_lambda: float = 1e-3
     summary_dtype: str = "float32"  # float32 | float16 | uint8 on the wire
     summary_resolution: int = 0  # side in pixels on the wire (0 = full)
     max_images: int = 2000  # per-client summary size cap (the server rejects larger)
@@ -94,6 +104,16 @@ class RunConfig:
     # drops any image of its summary within its near-copy threshold of one of its records before
     # sending (client.task.drop_near_copies); the random_real baseline sets it, to show what it leaks
     allow_near_copies: bool = False
+    # secure aggregation (summary-kind = "statistics" only): the server receives only the sum of the
+    # clients' releases, through Flower's SecAgg+ (privacy.secure_sum), and under DP each client adds
+    # its share of one aggregate noise (distributed DP: sigma / sqrt(threshold))
+    secure_aggregation: bool = False
+    # c: every released entry must lie in [-c, c] (a client refuses a release beyond it); 2^14 holds
+    # class sums and counts of up to 16,384 records, at a quantisation step of 2c / 2^22 = 0.0078
+    secagg_clipping_range: float = 16384.0
+    # the reconstruction threshold as a fraction of the sampled clients, in (0.5, 1): the fewest clients
+    # a sum can finish with (the rest may drop out), and the count the DP noise is split over
+    secagg_threshold: float = 0.6
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.fedavg_rounds < 0 or self.local_epochs < 1:
@@ -127,7 +147,13 @@ class RunConfig:
                                                   or self.summary_resolution):
             raise ConfigError("summary-kind 'statistics' is one release of float32 sums: use rounds=1, "
                               "summary-dtype='float32' and summary-resolution=0 with it")
+        if self.statistics_head not in STATISTICS_HEADS:
+            raise ConfigError(f"unknown statistics-head {self.statistics_head!r}; "
+                              f"known: {', '.join(STATISTICS_HEADS)}")
+        if not (self.ridge_lambda > 0 and math.isfinite(self.ridge_lambda)):
+            raise ConfigError(f"ridge-lambda must be a finite number > 0, got {self.ridge_lambda}")
         self._check_collaborative()
+        self._check_secure_aggregation()
         if self.canaries < 0:
             raise ConfigError(f"canaries must be >= 0 (0 = no canary audit), got {self.canaries}")
         parse_strategy(self.local_dsa_strategy)
@@ -176,6 +202,23 @@ class RunConfig:
         if self.distill.soft_labels != "none":
             raise ConfigError("collaborative=true brings its own soft labels (the clients', collab-kd): use "
                               "soft-labels='none' with it")
+
+    def _check_secure_aggregation(self) -> None:
+        """The SecAgg+ settings' ranges, and what secure aggregation needs (privacy.secure_sum)."""
+        c = self.secagg_clipping_range
+        if not (c > 0 and math.isfinite(c)):
+            raise ConfigError(f"secagg-clipping-range must be a finite number > 0, got {c}")
+        if not 0.5 < self.secagg_threshold < 1:
+            raise ConfigError(f"secagg-threshold must be in (0.5, 1) (a fraction of the sampled clients, "
+                              f"a strict majority), got {self.secagg_threshold}")
+        needs = {  # what a secure sum needs -> whether this run has it
+            "summary-kind='statistics' (images cannot be added up)": self.summary_kind == "statistics",
+            f"num-clients >= 3 (with 2, each client learns the other's release from the sum), got "
+            f"{self.partition.num_partitions}": self.partition.num_partitions >= 3,
+        }
+        missing = [need for need, met in needs.items() if not met]
+        if self.secure_aggregation and missing:
+            raise ConfigError(f"secure-aggregation=true needs {'; and '.join(missing)}")
 
     def local_training(self, epochs: int | None = None) -> TrainConfig:
         """FedAvg's local recipe: ``local_epochs`` (or ``epochs``) of SGD at ``local_lr``.

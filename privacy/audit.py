@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ddcore.data import Dataset, DataSplits
+from ddcore.frozen import trained_part
 from ddcore.models import build_model
 from ddcore.runconfig import RunConfig
 from ddcore.summary import Summary
@@ -68,7 +69,10 @@ def fedavg_shadow_trainer(cfg: RunConfig) -> ShadowTrainer:
     def train(data: Dataset, generator: torch.Generator) -> torch.nn.Module:
         model = build_model(cfg.distill.model, data.image_shape, data.num_classes, generator)
         if not cfg.distill.dp.enabled:
-            return train_model(model, data.x, data.y, cfg.local_training(epochs), generator)
+            recipe = cfg.local_training(epochs)
+            part, x = trained_part(model, data.x, recipe.dsa_strategy)  # a head-only model: embed once
+            train_model(part, x, data.y, recipe, generator)
+            return model
         from privacy.accounting import Accountant
         from privacy.dpsgd import fedavg_dpsgd_plan, local_dpsgd
 
@@ -237,6 +241,8 @@ def audit_system(cfg: RunConfig, kind: str, final_state: dict[str, torch.Tensor]
     ``epsilons``: client id -> epsilon spent (DP runs; every ROC point is checked against it).
     """
     mia: dict = {}
+    if pooled is not None and len(pooled) == 0:  # a server that built its model without images (ridge head)
+        pooled = None
     model = global_model(cfg, final_state, splits.test) if final_state is not None else None
     if model is not None:
         lira = kind == "fedavg" and lira_shadows > 0

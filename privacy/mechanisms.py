@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from opacus import GradSampleModule
@@ -10,6 +13,11 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from privacy.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from ddcore.config import DPConfig
+
+logger = logging.getLogger(__name__)
 
 
 def poisson_mask(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -35,6 +43,22 @@ def clipped_sum(per_sample: list[torch.Tensor], max_norm: float) -> list[torch.T
     norms = torch.stack([g.reshape(k, -1).norm(dim=1) for g in per_sample], dim=1).norm(dim=1)  # (k,)
     factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     return [torch.einsum("k,k...->...", factor, g) for g in per_sample]
+
+
+def noise_generator(dp: DPConfig, seed: int) -> torch.Generator:
+    """The generator a DP mechanism draws its noise (and Poisson sampling) from.
+
+    With ``dp.secret_noise`` (the default) it is seeded from the operating system's entropy
+    (:mod:`secrets`): the run's seeds are public - the server sends them - and noise that the
+    server can redraw is noise it can subtract. Otherwise it is seeded with ``seed``, for
+    experiments repeated bit for bit; a warning says that this protects against no one who
+    knows the seed.
+    """
+    if dp.secret_noise:
+        return torch.Generator().manual_seed(secrets.randbits(63))
+    logger.warning("secret-noise = false: the DP noise is drawn from the run's seed %d; whoever knows "
+                   "it (the server) can redraw and remove it", seed)
+    return torch.Generator().manual_seed(seed)
 
 
 def add_noise(tensors: list[torch.Tensor], std: float, generator: torch.Generator) -> list[torch.Tensor]:

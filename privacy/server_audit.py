@@ -126,9 +126,23 @@ class StatisticsView:
 
 def statistics_view(cfg: RunConfig, received: Received, splits: DataSplits, *, samples: int,
                     generator: torch.Generator, epsilons: dict[int, float], delta: float) -> dict:
-    """The tracing attack on each client's release (members: its records) and on the server's sum."""
+    """The tracing attack on each client's release (members: its records) and on the server's sum.
+
+    Under secure aggregation the server holds the sum alone (``received.total``): the attack runs on
+    it, every client's records members, and its DP bound is the aggregate's (the largest epsilon
+    a client reports: each reports the sum's).
+    """
     reference, heldout = heldout_halves(splits.test, generator)
     view = StatisticsView(cfg, splits, reference)
+    if not received.releases and received.total is not None:
+        members, nonmembers = matched(splits.train, heldout, samples, generator)
+        member, out_scores = view.scores(members, received.total), view.scores(nonmembers, received.total)
+        row = {**membership_summary(member, out_scores),
+               "dp_bound": _bound(member, out_scores, max(epsilons.values()) if epsilons else None, delta)}
+        return {"kind": "statistics", "attack": "tracing (the secure sum alone; Homer et al. 2008)",
+                "auc": row["auc"], "tpr_at_1pct_fpr": row["tpr_at_1pct_fpr"],
+                "tpr_at_0.1pct_fpr": row["tpr_at_0.1pct_fpr"], "most_exposed_client": None, "per_client": [],
+                "total": row, "dp_bound_holds": (row["dp_bound"] or {}).get("holds", True)}
     records = client_records(cfg, splits)
     rows = []
     for cid, release in sorted(received.releases.items()):
@@ -252,6 +266,8 @@ def canary_scores(cfg: RunConfig, received: Received, splits: DataSplits, canari
     if received.kind == "statistics":
         reference, _ = heldout_halves(splits.test, torch.Generator().manual_seed(seed))
         view = StatisticsView(cfg, splits, reference)
+        if not received.releases and received.total is not None:  # secure aggregation: the sum alone
+            return {"tracing": view.scores(canaries.data, received.total)}
         for cid, release in received.releases.items():
             mask = owner == cid
             if mask.any():

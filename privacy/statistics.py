@@ -39,7 +39,14 @@ from ddcore.methods.base import Synthetic
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
 from ddcore.train import Progress
-from privacy.class_release import ClassStatistics, class_sums, noisy_release
+from privacy.class_release import (
+    ClassStatistics,
+    exact_statistics,
+    noisy_release,
+    norm_split,
+    symmetric,
+    triangle_size,
+)
 from privacy.mechanisms import check_model
 from privacy.record import privacy_record
 from privacy.single_release import SingleReleaseAccountant, release_plan
@@ -70,18 +77,21 @@ def public_view(data: Dataset) -> Dataset:
 
 
 def release(data: Dataset, bank: EmbeddingBank, cfg: DistillConfig, generator: torch.Generator,
-            exact: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[ClassStatistics, dict]:
+            exact: ClassStatistics | tuple[torch.Tensor, torch.Tensor] | None = None,
+            moments: bool = False) -> tuple[ClassStatistics, dict]:
     """This client's one release of its per-class statistics, and the meta that goes with it.
 
     ``data`` in any normalisation (it is re-expressed in the public one first); ``exact``: its
     noise-free :func:`public_sums` under ``bank`` when already computed (a client that is
     asked again, e.g. at another epsilon in a sweep, need not embed its data again). With
+    ``moments`` the release also carries the upper triangle of the second-moment matrix of the
+    features (``statistics-head = "ridge"``), under the same one Gaussian mechanism. With
     ``cfg.dp.enabled`` sigma is calibrated exactly for ``cfg.dp.target_epsilon`` at
     ``cfg.dp.delta`` (one Gaussian release, sensitivity ``cfg.dp.max_grad_norm``) and the meta
     carries the privacy record (epsilon from the accountant); otherwise the statistics are
     released exactly (sigma 0) and the meta says ``dp`` False.
     """
-    meta: dict = {"kind": KIND, **bank_meta(cfg), "normalisation": "public"}
+    meta: dict = {"kind": KIND, **bank_meta(cfg), "normalisation": "public", "moments": moments}
     dp = cfg.dp
     plan = None
     if dp.enabled:  # the budget is checked before any record is embedded
@@ -89,9 +99,13 @@ def release(data: Dataset, bank: EmbeddingBank, cfg: DistillConfig, generator: t
                             num_examples=len(data))
         if math.isinf(plan.target_epsilon):
             logger.warning("target epsilon is inf: releasing the class statistics without noise - NO privacy")
-    sums, counts = exact if exact is not None else public_sums(data, bank)
-    stats = noisy_release(sums, counts, max_norm=dp.max_grad_norm,
-                          noise_multiplier=plan.noise_multiplier if plan else 0.0, generator=generator)
+    if isinstance(exact, tuple):
+        exact = ClassStatistics(*exact)
+    if exact is None or (moments and exact.moments is None):
+        exact = public_sums(data, bank, moments)
+    stats = noisy_release(exact.sums, exact.counts, max_norm=dp.max_grad_norm,
+                          noise_multiplier=plan.noise_multiplier if plan else 0.0, generator=generator,
+                          moments=exact.moments if moments else None)
     if plan is None:
         return stats, {**meta, "dp": False}
     accountant = SingleReleaseAccountant()
@@ -99,25 +113,32 @@ def release(data: Dataset, bank: EmbeddingBank, cfg: DistillConfig, generator: t
     return stats, {**meta, "dp": True, "accountant": accountant.name, **privacy_record(plan, accountant)}
 
 
-def public_sums(data: Dataset, bank: EmbeddingBank) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact per-class sums and counts of ``data`` in the public normalisation (never sent)."""
-    return class_sums(bank, public_view(data))
+def public_sums(data: Dataset, bank: EmbeddingBank, moments: bool = False) -> ClassStatistics:
+    """The exact per-class sums and counts (and second moments) of ``data`` in the public
+    normalisation (never sent)."""
+    return exact_statistics(bank, public_view(data), moments=moments)
 
 
 def to_arrays(stats: ClassStatistics) -> dict[str, np.ndarray]:
-    """The wire form: ``sums`` (K, D) and ``counts`` (K,), float32."""
-    return {"sums": stats.sums.detach().cpu().float().numpy(),
-            "counts": stats.counts.detach().cpu().float().numpy()}
+    """The wire form: ``sums`` (K, D) and ``counts`` (K,), and ``moments`` (D (D + 1) / 2,) when
+    released; float32."""
+    arrays = {"sums": stats.sums.detach().cpu().float().numpy(),
+              "counts": stats.counts.detach().cpu().float().numpy()}
+    if stats.moments is not None:
+        arrays["moments"] = stats.moments.detach().cpu().float().numpy()
+    return arrays
 
 
 def read_statistics(arrays: dict[str, np.ndarray], meta: dict, cfg: DistillConfig, *, num_classes: int,
-                    dim: int) -> ClassStatistics:
+                    dim: int, moments: bool = False) -> ClassStatistics:
     """A received release, checked against the run; :class:`SummaryError` names what is wrong.
 
     The server never trusts a reply: the kind and the bank must be the run's, ``sums`` must be
-    (num_classes, dim) and ``counts`` (num_classes,), float, finite and of sane magnitude.
+    (num_classes, dim) and ``counts`` (num_classes,) - plus ``moments`` (dim (dim + 1) / 2,)
+    exactly when the run asks for them - float, finite and of sane magnitude.
     The values themselves are noisy under DP (a count may be negative), so nothing tighter
-    can be asked of them.
+    can be asked of them. The moments' noise std is read from the release's privacy record
+    (it only sets the server's ridge penalty).
     """
     if meta.get("kind") != KIND:
         raise SummaryError(f"expected a statistics release (meta kind {KIND!r}), "
@@ -126,24 +147,80 @@ def read_statistics(arrays: dict[str, np.ndarray], meta: dict, cfg: DistillConfi
     sent = {k: meta.get(k) for k in BANK_KEYS}
     if any(sent[k] is None or int(sent[k]) != v for k, v in expected.items()):
         raise SummaryError(f"the release was made with bank {sent}, the run's is {expected}")
-    missing = [k for k in ("sums", "counts") if k not in arrays]
-    extra = sorted(set(arrays) - {"sums", "counts"})
+    names = {"sums", "counts", "moments"} if moments else {"sums", "counts"}
+    missing = sorted(names - set(arrays))
+    extra = sorted(set(arrays) - names)
     if missing or extra:
-        raise SummaryError(f"a statistics release has exactly 'sums' and 'counts'; missing {missing}, "
+        raise SummaryError(f"a statistics release has exactly {sorted(names)}; missing {missing}, "
                            f"unexpected {extra}")
-    sums, counts = arrays["sums"], arrays["counts"]
-    if sums.shape != (num_classes, dim) or counts.shape != (num_classes,):
-        raise SummaryError(f"sums {tuple(sums.shape)} and counts {tuple(counts.shape)}: expected "
-                           f"({num_classes}, {dim}) and ({num_classes},)")
-    for name, values in (("sums", sums), ("counts", counts)):
+    shapes = {"sums": (num_classes, dim), "counts": (num_classes,), "moments": (triangle_size(dim),)}
+    for name in sorted(names):
+        values = arrays[name]
+        if values.shape != shapes[name]:
+            raise SummaryError(f"{name} {tuple(values.shape)}: expected {shapes[name]}")
         if values.dtype.kind != "f":
             raise SummaryError(f"{name} must be floating point, got {values.dtype}")
         if not np.isfinite(values).all():
             raise SummaryError(f"{name} contain NaN or Inf")
         if np.abs(values).max(initial=0.0) > MAX_ABS:
             raise SummaryError(f"{name} reach {np.abs(values).max():.3g}, beyond {MAX_ABS:g}")
-    return ClassStatistics(torch.from_numpy(sums.astype(np.float32)),
-                           torch.from_numpy(counts.astype(np.float32)))
+    noise_std = 0.0
+    if moments and meta.get("dp"):
+        c = float(meta.get("max-grad-norm", 0.0))
+        sigma = float(meta.get("noise-multiplier", 0.0))
+        noise_std = sigma * c / norm_split(c, dim, True)[2] if c > 0 else 0.0
+    tensors = {k: torch.from_numpy(arrays[k].astype(np.float32)) for k in names}
+    return ClassStatistics(tensors["sums"], tensors["counts"], tensors.get("moments"), noise_std)
+
+
+NOISE_PENALTY = 1.5  # the ridge penalty's noise term, in units of noise_std sqrt(D) (statistics_choice)
+
+
+def ridge_head(total: ClassStatistics, ridge_lambda: float,
+               noise_penalty: float = NOISE_PENALTY) -> torch.Tensor:
+    """The ridge classifier's weights (K, D) from summed statistics: ``(G + lam I)^-1 S^T``, transposed.
+
+    ``G`` is the (noisy) second-moment matrix of the features and ``S`` the per-class sums: the
+    least-squares fit of one-hot labels from the features, ``argmin_W |Phi W - Y|^2 + lam |W|^2``,
+    needs no more (``Phi^T Phi = G``, ``Phi^T Y = S^T``). ``lam = ridge_lambda * n / D`` (n the
+    summed count) plus ``noise_penalty * noise_std * sqrt(D)``: a D x D symmetric matrix of the
+    moments' Gaussian noise (std ``noise_std`` on the diagonal, ``noise_std / sqrt 2`` off it) has
+    spectral norm about ``sqrt(2) noise_std sqrt(D)``, and the penalty must exceed it for the
+    penalised matrix to stay positive definite under DP. Post-processing.
+    """
+    if total.moments is None:
+        raise SummaryError("a ridge head needs the second moments; the releases carry none "
+                           "(statistics-head = 'ridge' makes clients send them)")
+    dim = total.sums.shape[1]
+    second = symmetric(total.moments.double(), dim)
+    n = float(total.counts.double().sum().clamp(min=1.0))
+    penalty = ridge_lambda * n / dim + noise_penalty * total.noise_std * math.sqrt(dim)
+    eye = torch.eye(dim, dtype=torch.float64, device=second.device)
+    return torch.linalg.solve(second + penalty * eye, total.sums.double().T).T.float()  # (K, D)
+
+
+def ridge_model(total: ClassStatistics, model_factory: ModelFactory, cfg: DistillConfig,
+                ridge_lambda: float) -> torch.nn.Module:
+    """The global model of ``statistics-head = "ridge"``: the bank's network (one of it) with the
+    ridge classifier of :func:`ridge_head` as its head.
+
+    The bank must be one network with an ``embed`` and a linear ``classifier`` whose input is the
+    embedding (``model = "scatter"``: ScatterNet, frozen projection, linear head); it is rebuilt
+    from the bank's seed, so its features are the ones the clients summed.
+    """
+    if cfg.bank_size != 1:
+        raise SummaryError(f"a ridge head uses one network's features; got bank-size {cfg.bank_size} "
+                           "(use bank-size 1, e.g. with model 'scatter')")
+    model = model_factory(torch.Generator().manual_seed(cfg.bank_seed))
+    head = getattr(model, "classifier", None)
+    weights = ridge_head(total, ridge_lambda)
+    if not isinstance(head, torch.nn.Linear) or head.weight.shape != weights.shape:
+        raise SummaryError(f"model {type(model).__name__} has no linear classifier on its "
+                           f"{weights.shape[1]}-dim embedding to take the ridge head")
+    with torch.no_grad():
+        head.weight.copy_(weights.to(head.weight.device))
+        head.bias.zero_()
+    return model
 
 
 def synthesise(total: ClassStatistics, bank: EmbeddingBank, cfg: DistillConfig, public: Dataset,

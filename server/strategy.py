@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -28,6 +29,9 @@ from ddcore.train import SoftTargets, evaluate, train_model
 from privacy.record import PRIVACY_KEYS
 from server.ledger import ClientRound, Ledger
 from server.validation import SummaryLimits, check_soft_labels, validate
+
+if TYPE_CHECKING:  # privacy (Opacus) loads only for statistics runs
+    from privacy.class_release import ClassStatistics
 
 
 def sample_clients(grid: Grid, cfg: RunConfig, server_round: int) -> list[int]:
@@ -284,15 +288,25 @@ class StatisticsStrategy(DistillStrategy):
         )
 
         self.spec = spec
-        factory = model_factory(cfg.distill.model, spec.image_shape, spec.num_classes, cfg.distill.device)
-        self.bank = bank_of(factory, cfg.distill, spec.image_shape)
+        self.factory = model_factory(cfg.distill.model, spec.image_shape, spec.num_classes,
+                                     cfg.distill.device)
+        self.bank = bank_of(self.factory, cfg.distill, spec.image_shape)
         self.dim = feature_dim(self.bank, spec.image_shape)
         self._global: tuple[tuple[int, ...], Summary] | None = None
 
     def summary(self) -> None:
         log(INFO, "\t├── per-class statistics under a bank of %d networks (D = %d), summed by the server",
             self.cfg.distill.bank_size, self.dim)
-        log(INFO, "\t└── the server distills %d images per class", self.cfg.distill.ipc)
+        if self.ridge:
+            log(INFO, "\t└── with their second moments: the server solves a ridge head (lambda %g)",
+                self.cfg.ridge_lambda)
+        else:
+            log(INFO, "\t└── the server distills %d images per class", self.cfg.distill.ipc)
+
+    @property
+    def ridge(self) -> bool:
+        """The closed-form ridge head on the bank's features instead of synthesised images."""
+        return self.cfg.statistics_head == "ridge"
 
     @staticmethod
     def images_sent(summary: object) -> int:
@@ -302,21 +316,43 @@ class StatisticsStrategy(DistillStrategy):
         from privacy.statistics import read_statistics
 
         return read_statistics(arrays, meta, self.cfg.distill, num_classes=self.spec.num_classes,
-                               dim=self.dim)
+                               dim=self.dim, moments=self.ridge)
+
+    def total(self) -> ClassStatistics:
+        """The sum of every accepted release, in node order (float64 addition: order-free)."""
+        from privacy.class_release import ClassStatistics
+
+        return ClassStatistics.total([self.pool[node] for node in sorted(self.pool)])
 
     def pooled(self) -> Summary:
         """The global summary distilled from the sum of every accepted release (computed once per pool)."""
-        from privacy.class_release import ClassStatistics
-        from privacy.statistics import global_summary
+        from privacy.statistics import bank_meta, global_summary
 
         key = tuple(sorted(self.pool))
         if self._global is not None and self._global[0] == key:
             return self._global[1]
-        total = ClassStatistics.total([self.pool[node] for node in key])
+        if self.ridge:  # no images: the head is solved from the statistics (train_global)
+            spec = self.spec
+            empty = Summary(torch.empty((0, *spec.image_shape)), torch.empty(0, dtype=torch.long))
+            summary = empty.with_meta(method="statistics-ridge", clients=len(key),
+                                      **bank_meta(self.cfg.distill))
+            self._global = (key, summary)
+            return summary
+        total = self.total()
         summary = global_summary(total, self.bank, self.cfg.distill, self.spec,
                                  seed=self.cfg.distill.seed * 7_919 + len(key)).with_meta(clients=len(key))
         self._global = (key, summary)
         return summary
+
+    def train_global(self, pooled: Summary, seed: int) -> torch.nn.Module:
+        """The ridge model of the summed statistics (``statistics-head = "ridge"``), or a model
+        trained on the synthesised images."""
+        if not self.ridge:
+            return super().train_global(pooled, seed)
+        from privacy.statistics import ridge_model
+
+        return ridge_model(self.total(), self.factory, self.cfg.distill, self.cfg.ridge_lambda)
+
 
 def client_order(pool: Mapping[int, Summary]) -> list[int]:
     """The nodes of ``pool`` in the order of the client ids their summaries carry.

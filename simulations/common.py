@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 
 # the named flags of the federated drivers (compare, privacy_utility): flag -> run-config key;
 # every other key through --set
+# The statistics system with its ridge head (privacy.statistics.ridge_head): clients release sums,
+# counts and second moments of ScatterNet features under a frozen random projection to D dims (one
+# network, model "scatter"); the server solves the classifier. D chosen on a validation split
+# (python -m simulations.statistics_choice; docs/results/statistics_choice).
+STATISTICS_RIDGE: dict[str, str | int | float] = {"summary-kind": "statistics", "statistics-head": "ridge",
+                                                  "model": "scatter", "model-width": 384, "bank-size": 1}
 RUN_FLAGS = {
     "dataset": "dataset", "data-dir": "data-dir", "clients": "num-clients", "partition": "partition",
     "alpha": "alpha", "classes-per-client": "classes-per-client", "method": "method", "ipc": "ipc",

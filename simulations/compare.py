@@ -14,6 +14,10 @@ an earlier report whose accuracies the leakage table compares with:
   summaries (or, with ``--set summary-kind=statistics``, the statistics system below);
 - ``statistics``: every client releases per-class statistics once (``summary-kind=statistics``,
   privacy.statistics) and the server adds them up and distills ``ipc`` images per class itself;
+- ``statistics_ridge``: the statistics system with its ridge head
+  (:data:`simulations.common.STATISTICS_RIDGE`): clients also release the second moments of
+  ScatterNet features, and the server solves a ridge classifier on them in closed form (no image
+  anywhere);
 - ``distill_real``: ``distill`` with its images started from random real ones
   (``init=real``, ``allow-near-copies=true``): the run that ships near-copies, to show what it leaks;
 - ``random_real``: every client sends ``ipc`` random real images per class (``allow-near-copies=true``:
@@ -42,9 +46,10 @@ from ddcore.files import environment
 from ddcore.methods.options import without_options
 from ddcore.partition import describe
 from ddcore.profile import measure_tree
-from ddcore.runconfig import RunConfig
+from ddcore.runconfig import RunConfig, from_flat
 from privacy.audit import CANARY_BETA, CANARY_KIND, run_canaries
 from simulations.common import (
+    STATISTICS_RIDGE,
     AuditBudget,
     System,
     add_audit_flags,
@@ -60,8 +65,8 @@ from simulations.common import (
     with_canaries,
 )
 
-SYSTEMS = ("distill", "distill_real", "statistics", "random_real", "fedavg", "fedprox", "fedavgm",
-           "collaborative")
+SYSTEMS = ("distill", "distill_real", "statistics", "statistics_ridge", "random_real", "fedavg", "fedprox",
+           "fedavgm", "collaborative")
 DEFAULT_SYSTEMS = ("distill", "statistics", "random_real", "fedavg")
 WEIGHT_SYSTEMS = ("fedavg", "fedprox", "fedavgm")  # Flower's weight-averaging strategies
 WEIGHT_LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM"}
@@ -96,6 +101,7 @@ def plan_systems(cfg: RunConfig, names: list[str]) -> list[System]:
     settings = {
         "distill": lambda: cfg,
         "statistics": lambda: replace(cfg, summary_kind="statistics"),
+        "statistics_ridge": lambda: from_flat(STATISTICS_RIDGE, base=cfg),
         # the run's method started from real images, sending what that leaks (allow-near-copies)
         "distill_real": lambda: replace(cfg, distill=replace(cfg.distill, init="real"),
                                         allow_near_copies=True, **images),
@@ -148,6 +154,7 @@ def verdicts(methods: dict, ipc: int, test_size: int) -> list[str]:
     r = methods.get("random_real")
     out: list[str] = []
     for name, label in (("distill", "Distillation"), ("statistics", "Server-distilled statistics"),
+                        ("statistics_ridge", "Statistics with a ridge head"),
                         ("collaborative", "Collaborative distillation")):
         d = methods.get(name)
         if d is None or d["final_accuracy"] is None:
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     write_report(args.out, report)
     for name in ("distill", "statistics", "random_real", "collaborative"):
-        if name in results and results[name].pooled is not None:
+        if name in results and results[name].pooled is not None and len(results[name].pooled) > 0:
             plot_summary(results[name].pooled, splits.test, args.out / f"pooled_{name}.png")
     from server.report import markdown
 

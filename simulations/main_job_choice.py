@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from ddcore.data import validation_split
 from ddcore.devicedata import DataSpec
 from ddcore.files import environment
@@ -67,16 +65,26 @@ def run_candidate(cfg: RunConfig, clients: list, spec: DataSpec, validation, pri
     if cfg.summary_kind == "statistics":
         from ddcore.models import model_factory
         from privacy.class_release import ClassStatistics
-        from privacy.statistics import bank_of, global_summary
+        from privacy.statistics import bank_of, feature_dim, global_summary, read_statistics, ridge_model
 
-        releases = [release_statistics(part, cfg, spec.num_classes, seed=cid)[0]
-                    for cid, part in enumerate(clients)]
-        total = ClassStatistics.total([ClassStatistics(torch.from_numpy(r["sums"]),
-                                                       torch.from_numpy(r["counts"])) for r in releases])
-        client_seconds = time.perf_counter() - start
-        server_start = time.perf_counter()
         factory = model_factory(cfg.distill.model, spec.image_shape, spec.num_classes, cfg.distill.device)
         bank = bank_of(factory, cfg.distill, spec.image_shape)
+        ridge = cfg.statistics_head == "ridge"
+        releases = []
+        for cid, part in enumerate(clients):
+            arrays, meta, _, _ = release_statistics(part, cfg, spec.num_classes, seed=cid)
+            releases.append(read_statistics(arrays, meta, cfg.distill, num_classes=spec.num_classes,
+                                            dim=feature_dim(bank, spec.image_shape), moments=ridge))
+        upload = sum(4 * v.numel() for v in (releases[0].sums, releases[0].counts, releases[0].moments)
+                     if v is not None)
+        total = ClassStatistics.total(releases)
+        client_seconds = time.perf_counter() - start
+        server_start = time.perf_counter()
+        if ridge:
+            model = ridge_model(total, factory, cfg.distill, cfg.ridge_lambda)
+            return {"validation_accuracy": evaluate(model, validation)["accuracy"], "images": 0,
+                    "client_seconds": client_seconds, "server_seconds": time.perf_counter() - server_start,
+                    "upload_bytes_per_client": upload}
         pooled = global_summary(total, bank, cfg.distill, spec, seed=0)
         received = None
     else:
@@ -115,7 +123,9 @@ def markdown(report: dict) -> str:
         near = "-" if r.get("near_copy_fraction") is None else f"{100 * r['near_copy_fraction']:.1f}%"
         tpr = "-" if r.get("tpr_at_0_1pct_fpr") is None else f"{r['tpr_at_0_1pct_fpr']:.3f}"
         settings = "; ".join(f"{k}={v}" for k, v in r["settings"].items())
-        rows.append(f"| {label} | {settings} | {100 * r['validation_accuracy']:.2f} | {r['images']} | {near} "
+        upload = r.get("upload_bytes_per_client")
+        images = r["images"] if upload is None else f"0 ({upload / 1024:.0f} KiB/client)"
+        rows.append(f"| {label} | {settings} | {100 * r['validation_accuracy']:.2f} | {images} | {near} "
                     f"| {tpr} | {r['client_seconds']:.0f} | {r['server_seconds']:.0f} |")
     return "\n".join([f"# {report['title']}", "", *rows, "",
                       "Statistics candidates send no image (the server synthesises from noise): their "

@@ -2,10 +2,10 @@
 
     python -m simulations.privacy_utility --epsilons 1,2,4,8,inf --out runs/privacy
 
-For each method (``--methods``: gm, dm, statistics, fedavg; default gm,dm,fedavg) the sweep
-runs its non-DP version and its DP version at every target epsilon (per client, over the whole
-run; ``inf`` = the DP code path with clipping but no noise), all on the same partitions in one
-Flower simulation. Every
+For each method (``--methods``: gm, dm, statistics, fedavg, fedavg-scatter, ...; default
+gm,dm,fedavg) the sweep runs its non-DP version and its DP version at every target epsilon (per
+client, over the whole run; ``inf`` = the DP code path with clipping but no noise), all on the
+same partitions in one Flower simulation. Every
 finished system is then audited: membership inference on its global model (loss threshold;
 LiRA with shadow models for the FedAvg rows), memorisation of its pooled summary, a one-run
 canary audit (an epsilon lower bound beside the accountant's epsilon), and gradient inversion
@@ -19,7 +19,8 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from privacy.audit import CANARY_BETA, CANARY_KIND, run_canaries
 from server.report import canary_bound_cell, canary_guesses_cell, canary_note, dp_bound_cell, near_copies_cell
 from simulations.common import (
     RUN_FLAGS,
+    STATISTICS_RIDGE,
     AuditBudget,
     System,
     add_audit_flags,
@@ -53,7 +55,10 @@ from simulations.common import (
     write_report,
 )
 
-METHODS = ("gm", "gm-psg", "dm", "statistics", "fedavg")
+METHODS = ("gm", "gm-psg", "dm", "statistics", "statistics-ridge", "statistics-ridge-secagg", "fedavg",
+           "fedavg-scatter")
+# the weight-averaging methods (system kind "fedavg"), each with its own network and tuned local DP-SGD
+FEDAVG_METHODS = ("fedavg", "fedavg-scatter")
 # DP gradient matching as PSG (Chen, Kerkouche & Fritz, NeurIPS 2022) runs it: clip 0.1, a small
 # Poisson rate (PSG: 256 of 60,000 records per step; 3 per class is 30 of a ~6,000-record client),
 # many noisy releases and image step 0.1. PSG runs 10^4-10^5 releases on a GPU; 2 CPU cores
@@ -63,7 +68,15 @@ PSG_SETTINGS: dict[str, str | int | float] = {"method": "gm", "max-grad-norm": 0
 # the run-config keys that make each method's system
 METHOD_SETTINGS: dict[str, dict[str, str | int | float]] = {
     "gm": {"method": "gm"}, "gm-psg": PSG_SETTINGS, "dm": {"method": "dm"},
-    "statistics": {"summary-kind": "statistics"}, "fedavg": {},
+    "statistics": {"summary-kind": "statistics"}, "statistics-ridge": STATISTICS_RIDGE,
+    # the same through Flower's SecAgg+: the server sees the sum alone, each client adds its share of
+    # one aggregate noise (distributed DP; privacy.secure_sum)
+    "statistics-ridge-secagg": {**STATISTICS_RIDGE, "secure-aggregation": True}, "fedavg": {},
+    # DP-FedAvg on the statistics system's own features: ScatterNet + frozen projection to 384 dims +
+    # a linear head, the only part that trains (Tramer & Boneh, ICLR 2021); clients embed their records
+    # once (ddcore.frozen), which needs no local augmentation
+    "fedavg-scatter": {"model": "scatter", "model-width": 384, "local-dsa-strategy": "none",
+                       "train-dsa-strategy": "none"},
 }
 DEFAULT_METHODS = ("gm", "dm", "fedavg")
 # What the sweep changes in a preset (under the command line's flags and --set), and its default
@@ -96,6 +109,49 @@ DP_FEDAVG_NO_NOISE_SETTINGS: dict[str, dict[str, str | int | float]] = {
     # batch 64 / lr 0.4, 83.72% at batch 64 / lr 1.6
     "fmnist": {"local-batch-size": 64, "local-lr": 0.4},
 }
+# The same three tables for method fedavg-scatter (its network is METHOD_SETTINGS'), chosen alike on a
+# validation split (python -m simulations.tune_dp_fedavg --preset fmnist --set model=scatter
+# model-width=384 local-dsa-strategy=none ...; Dirichlet 0.5, 10 clients;
+# docs/results/tune_dp_fedavg_scatter). Every row: 20 rounds of 1 local epoch; plain FedAvg's local
+# SGD at lr 0.1, batch 32 (no DP: validation 80.98%, against 77.98% at lr 0.01 and 77.47% at lr 0.5).
+SCATTER_FEDAVG_SETTINGS: dict[str, dict[str, str | int | float]] = {
+    "fmnist": {"fedavg-rounds": 20, "local-lr": 0.1, "local-batch-size": 32},
+}
+SCATTER_DP_FEDAVG_SETTINGS: dict[str, dict[str, str | int | float]] = {
+    # at epsilon 1: validation 80.22% at batch 256 / clip 1 / lr 0.5 (lr 1 the same, lr 2 79.58%; at 10
+    # rounds 77.98%, 79.23% and 79.62%); batch 1024: 80.10% at lr 4 (79.28% lr 2, 77.22% lr 8); batch 128:
+    # 79.55% at lr 0.5, 77.43% at lr 1; clip 0.3 (lr 1): 76.03%; 2 local epochs: 77.48% (clip 0.3: 76.82%).
+    # At epsilon 0.5: lr 0.5 79.58%, lr 1 79.00%.
+    "fmnist": {"local-batch-size": 256, "max-grad-norm": 1.0, "local-lr": 0.5},
+}
+SCATTER_DP_FEDAVG_NO_NOISE_SETTINGS: dict[str, dict[str, str | int | float]] = {
+    # nothing on top: at epsilon = inf the finite rows' point gives 80.42% (lr 1: 80.43%; batch 64 at
+    # lr 1: 77.88%) - without noise the linear head on these features tops out where DP leaves it
+    "fmnist": {},
+}
+# each FedAvg method's tables: (every row, the DP rows on top, the epsilon = inf DP row on top of those)
+FEDAVG_TABLES = {
+    "fedavg": (FEDAVG_SETTINGS, DP_FEDAVG_SETTINGS, DP_FEDAVG_NO_NOISE_SETTINGS),
+    "fedavg-scatter": (SCATTER_FEDAVG_SETTINGS, SCATTER_DP_FEDAVG_SETTINGS,
+                       SCATTER_DP_FEDAVG_NO_NOISE_SETTINGS),
+}
+
+
+@dataclass(frozen=True)
+class FedAvgSettings:
+    """The flat run-config keys of one FedAvg method's rows in a sweep."""
+
+    rows: Mapping[str, str | int | float] = field(default_factory=dict)  # every row, plain and DP
+    dp: Mapping[str, str | int | float] = field(default_factory=dict)  # every DP row, on top (local DP-SGD)
+    no_noise: Mapping[str, str | int | float] = field(default_factory=dict)  # the eps = inf DP row, on top
+
+
+def fedavg_settings(method: str, preset: str, chosen: Mapping, dp_overrides: Mapping) -> FedAvgSettings:
+    """``method``'s settings in ``preset`` (:data:`FEDAVG_TABLES`): the command line's ``chosen`` keys beat
+    its rows' settings, and ``dp_overrides`` (--dp-fedavg-set) beat its DP rows' and no-noise settings."""
+    rows, dp, no_noise = (table.get(preset, {}) for table in FEDAVG_TABLES[method])
+    return FedAvgSettings(rows={k: v for k, v in rows.items() if k not in chosen}, dp={**dp, **dp_overrides},
+                          no_noise={k: v for k, v in no_noise.items() if k not in dp_overrides})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,13 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default=None,
                         help="gm, gm-psg (DP gradient matching with PSG's settings, PSG_SETTINGS), dm (DP "
                              "distillation, summaries pooled), statistics (per-class statistics "
-                             "released once per client, summed and distilled by the server) and/or fedavg "
-                             f"(DP-FedAvg); default {','.join(DEFAULT_METHODS)}, with --preset fmnist "
-                             f"{','.join(SWEEP_METHODS['fmnist'])}")
+                             "released once per client, summed and distilled by the server), fedavg "
+                             "(DP-FedAvg, the preset's network) and/or fedavg-scatter (DP-FedAvg of "
+                             f"ScatterNet + linear); default {','.join(DEFAULT_METHODS)}, with --preset "
+                             f"fmnist {','.join(SWEEP_METHODS['fmnist'])}")
     parser.add_argument("--dp-fedavg-set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
                         help="run-config keys of the DP-FedAvg rows only (their local DP-SGD: local-lr, "
-                             "local-batch-size, max-grad-norm, ...), over the preset's tuned values "
-                             "(DP_FEDAVG_SETTINGS)")
+                             "local-batch-size, max-grad-norm, ...) of every FedAvg method, over the "
+                             "preset's tuned values (DP_FEDAVG_SETTINGS, SCATTER_DP_FEDAVG_SETTINGS)")
     add_audit_flags(parser, ("audit-samples", "lira-shadows", "inversion-steps", "canaries"))
     add_run_flags(parser, preset="privacy")
     return parser
@@ -144,27 +201,27 @@ def dp_config(cfg: RunConfig, epsilon: float) -> RunConfig:
 
 
 def plan_systems(cfg: RunConfig, methods: list[str], epsilons: list[float],
-                 dp_fedavg: dict | None = None, fedavg: dict | None = None,
-                 dp_fedavg_no_noise: dict | None = None) -> list[tuple[dict, System]]:
+                 tuned: Mapping[str, FedAvgSettings] | None = None) -> list[tuple[dict, System]]:
     """A row description and a system for every method and epsilon (non-DP first).
 
-    ``fedavg``: flat keys set on every FedAvg row, plain and DP (the network, the rounds);
-    ``dp_fedavg``: flat keys set on every DP-FedAvg row on top (its tuned local DP-SGD);
-    ``dp_fedavg_no_noise``: flat keys set on the epsilon = inf DP-FedAvg row on top of those.
+    ``tuned``: per method, the flat keys set on its rows on top of its METHOD_SETTINGS
+    (:class:`FedAvgSettings`: every row's, e.g. the network and the rounds; every DP row's, its
+    tuned local DP-SGD; the epsilon = inf DP row's on top of those). Methods without an entry
+    keep the run's settings.
     """
     plain = from_flat({"dp": False}, base=cfg)
     out = []
     for method in methods:
-        kind = "fedavg" if method == "fedavg" else "distill"
-        own = {**METHOD_SETTINGS[method], **(fedavg or {} if method == "fedavg" else {})}
-        base = from_flat(own, base=plain)
+        kind = "fedavg" if method in FEDAVG_METHODS else "distill"
+        own = (tuned or {}).get(method, FedAvgSettings())
+        base = from_flat({**METHOD_SETTINGS[method], **own.rows}, base=plain)
         out.append(({"method": method, "dp": False, "epsilon_target": None}, System(method, kind, base)))
-        dp_base = from_flat(dp_fedavg, base=base) if method == "fedavg" and dp_fedavg else base
+        dp_base = from_flat(own.dp, base=base) if own.dp else base
         for eps in epsilons:
             name = f"dp-{method}@eps={eps:g}"
             eps_base = dp_base
-            if method == "fedavg" and math.isinf(eps) and dp_fedavg_no_noise:
-                eps_base = from_flat(dp_fedavg_no_noise, base=dp_base)
+            if math.isinf(eps) and own.no_noise:
+                eps_base = from_flat(own.no_noise, base=dp_base)
             out.append(({"method": f"dp-{method}", "dp": True, "epsilon_target": eps},
                         System(name, kind, dp_config(eps_base, eps))))
     return out
@@ -370,15 +427,12 @@ def main(argv: list[str] | None = None) -> int:
                               f"got {budget.samples}")
         cfg = with_canaries(args, run_config(args, SWEEP_SETTINGS.get(args.preset)), budget)
         dp_overrides = parse_set(args.dp_fedavg_set)
-        dp_fedavg = {**DP_FEDAVG_SETTINGS.get(args.preset, {}), **dp_overrides}
-        # --dp-fedavg-set beats the preset's no-noise settings as it beats the finite rows'
-        no_noise = {k: v for k, v in DP_FEDAVG_NO_NOISE_SETTINGS.get(args.preset, {}).items()
-                    if k not in dp_overrides}
         splits = check_partitions(cfg)
         canaries = run_canaries(cfg, splits)
         chosen = given(args, RUN_FLAGS)  # the command line beats the preset's FedAvg settings
-        fedavg = {k: v for k, v in FEDAVG_SETTINGS.get(args.preset, {}).items() if k not in chosen}
-        planned = plan_systems(cfg, methods, epsilons, dp_fedavg, fedavg, no_noise)
+        tuned = {m: fedavg_settings(m, args.preset, chosen, dp_overrides)
+                 for m in methods if m in FEDAVG_METHODS}
+        planned = plan_systems(cfg, methods, epsilons, tuned)
         check_systems([s for _, s in planned])
         check_budgets(splits, planned, canaries)
     except ValueError as exc:
@@ -402,8 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         "title": f"feddistill privacy vs utility ({cfg.dataset}, {cfg.partition.num_partitions} clients, "
                  f"{describe(cfg.partition)})",
         "config": recorded_config(args.preset, cfg), "environment": environment(cfg.distill.device),
-        "epsilons": epsilons, "methods": methods, "dp_fedavg_settings": dp_fedavg,
-        "dp_fedavg_no_noise_settings": no_noise,
+        "epsilons": epsilons, "methods": methods,
+        "dp_fedavg_settings": {m: dict(t.dp) for m, t in tuned.items()},
+        "dp_fedavg_no_noise_settings": {m: dict(t.no_noise) for m, t in tuned.items()},
         "audit": {"members": len(members), "nonmembers": len(nonmembers), **asdict(budget),
                   "canary_kind": CANARY_KIND, "canary_beta": CANARY_BETA,
                   "canary_violations": [r["system"] for r in rows if r["canary_bound_exceeds_epsilon"]],

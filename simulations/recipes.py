@@ -26,6 +26,7 @@ from torch import nn
 
 from ddcore.data import Dataset
 from ddcore.errors import ConfigError
+from ddcore.frozen import FeatureCache
 from ddcore.models import build_model
 from ddcore.runconfig import RunConfig
 from ddcore.summary import Summary, concat
@@ -105,14 +106,20 @@ class ServerMomentum:
         return {k: (state[k].double() - update[k]).to(state[k].dtype) for k in state}
 
 
-def fedavg_recipe(cfg: RunConfig) -> Recipe:
+def fedavg_recipe(cfg: RunConfig, features: FeatureCache | None = None) -> Recipe:
     """``cfg.fedavg_rounds`` FedAvg rounds over all clients (DP-FedAvg when ``cfg.distill.dp.enabled``;
-    FedProx when ``proximal-mu`` > 0, in the clients' update; FedAvgM when ``server-momentum`` > 0)."""
+    FedProx when ``proximal-mu`` > 0, in the clients' update; FedAvgM when ``server-momentum`` > 0).
+
+    A model that trains only its head (model ``scatter``) has every client's records embedded once
+    per run, kept in ``features`` (pass one cache to several runs on the same clients, as the
+    tuning driver does, and they embed them once in all; ``None``: a cache for this run).
+    """
     from client.task import dp_fedavg_local, fedavg_local
 
     dp = cfg.distill.dp.enabled
 
     def run(clients: list[Dataset], generator: torch.Generator) -> RecipeOutput:
+        cache = features if features is not None else FeatureCache(capacity=len(clients))
         num_classes = clients[0].num_classes
         model = build_model(cfg.distill.model, clients[0].image_shape, num_classes, generator)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -126,9 +133,10 @@ def fedavg_recipe(cfg: RunConfig) -> Recipe:
             states = []
             for i, part in enumerate(clients):
                 if dp:
-                    new, *_ = dp_fedavg_local(part, cfg, num_classes, state, _seed(generator), accountants[i])
+                    new, *_ = dp_fedavg_local(part, cfg, num_classes, state, _seed(generator), accountants[i],
+                                              features=cache)
                 else:
-                    new, *_ = fedavg_local(part, cfg, num_classes, state, _seed(generator))
+                    new, *_ = fedavg_local(part, cfg, num_classes, state, _seed(generator), features=cache)
                 states.append(new)
             mean = average(states, [len(part) for part in clients])
             state = momentum.step(state, mean) if momentum else mean

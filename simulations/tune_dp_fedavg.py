@@ -11,7 +11,9 @@ batch / n), ``local-epochs``, ``fedavg-rounds``, ``max-grad-norm``, ...) runs th
 DP-FedAvg recipe at ``--epsilon`` per client (:func:`simulations.recipes.fedavg_recipe`: the
 clients' own update code, every client in every round, averaged by example counts as Flower's
 FedAvg does; in one process, without a Flower simulation) and is scored on the validation
-set. Momentum is the recipe's constant (0.9). Writes report.json and report.md (points
+set. Momentum is the recipe's constant (0.9). A model that trains only its head (``model=scatter``,
+no local augmentation) has the clients' records embedded once for the whole grid
+(:mod:`ddcore.frozen`). Writes report.json and report.md (points
 sorted by validation accuracy) into --out; the test split is never touched.
 """
 
@@ -123,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc)
     from tqdm import tqdm
 
+    from ddcore.frozen import FeatureCache
     from ddcore.train import evaluate
     from privacy.dpsgd import fedavg_dpsgd_plan
     from simulations.recipes import fedavg_recipe
 
     rows: list[dict] = []
+    features = FeatureCache(capacity=len(clients))  # a head-only model embeds the records once per grid
     start = time.perf_counter()
     part = cfg.partition
 
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for point, c in tqdm(list(zip(points, configs, strict=True)), desc="grid", unit="point", file=sys.stderr):
         t = time.perf_counter()
-        out = fedavg_recipe(c)(clients, torch.Generator().manual_seed(c.partition.seed))
+        out = fedavg_recipe(c, features)(clients, torch.Generator().manual_seed(c.partition.seed))
         row = {"point": point, "val_accuracy": evaluate(out.model, val)["accuracy"],
                "epsilon_spent": math.inf, "noise_multiplier": 0.0, "sample_rate": 0.0, "steps": 0,
                "seconds": time.perf_counter() - t}

@@ -12,7 +12,7 @@ from ddcore.runconfig import from_flat, run_preset
 from privacy.audit import client_update_gradient
 from privacy.record import PRIVACY_KEYS
 from simulations.common import check_partitions
-from simulations.privacy_utility import main, parse_epsilons, plan_systems
+from simulations.privacy_utility import FedAvgSettings, fedavg_settings, main, parse_epsilons, plan_systems
 
 TINY = ["--preset", "quick", "--dataset", "digits", "--clients", "3", "--ipc", "2"]
 
@@ -123,8 +123,8 @@ def test_dp_client_update_is_clipped_and_noised(digits) -> None:
 
 def test_dp_fedavg_settings_reach_only_the_dp_fedavg_rows_and_statistics_rows_release_once() -> None:
     cfg = from_flat({"dataset": "digits", "num-clients": 3}, base=run_preset("quick"))
-    planned = plan_systems(cfg, ["statistics", "fedavg"], [2.0],
-                           {"local-lr": "0.5", "max-grad-norm": "0.1", "local-batch-size": "128"})
+    tuned = FedAvgSettings(dp={"local-lr": "0.5", "max-grad-norm": "0.1", "local-batch-size": "128"})
+    planned = plan_systems(cfg, ["statistics", "fedavg"], [2.0], {"fedavg": tuned})
     by_name = {s.name: s.cfg for _, s in planned}
     assert sorted(by_name) == ["dp-fedavg@eps=2", "dp-statistics@eps=2", "fedavg", "statistics"]
     tuned = by_name["dp-fedavg@eps=2"]
@@ -137,8 +137,8 @@ def test_dp_fedavg_settings_reach_only_the_dp_fedavg_rows_and_statistics_rows_re
 
 def test_the_presets_fedavg_settings_reach_every_fedavg_row_and_no_other() -> None:
     cfg = from_flat({"dataset": "digits", "num-clients": 3}, base=run_preset("quick"))
-    planned = plan_systems(cfg, ["statistics", "fedavg"], [2.0, math.inf], {"local-lr": "0.5"},
-                           {"model": "dpcnn", "fedavg-rounds": "4"})
+    tuned = FedAvgSettings(rows={"model": "dpcnn", "fedavg-rounds": "4"}, dp={"local-lr": "0.5"})
+    planned = plan_systems(cfg, ["statistics", "fedavg"], [2.0, math.inf], {"fedavg": tuned})
     by_name = {s.name: s.cfg for _, s in planned}
     for name in ("fedavg", "dp-fedavg@eps=2", "dp-fedavg@eps=inf"):  # plain FedAvg: the DP rows' network
         assert (by_name[name].distill.model.name, by_name[name].fedavg_rounds) == ("dpcnn", 4)
@@ -147,8 +147,9 @@ def test_the_presets_fedavg_settings_reach_every_fedavg_row_and_no_other() -> No
 
 def test_the_no_noise_settings_reach_only_the_epsilon_inf_dp_fedavg_row() -> None:
     cfg = from_flat({"dataset": "digits", "num-clients": 3}, base=run_preset("quick"))
-    planned = plan_systems(cfg, ["statistics", "fedavg"], [2.0, math.inf],
-                           {"local-lr": "0.5", "local-batch-size": "128"}, None, {"local-batch-size": "16"})
+    tuned = FedAvgSettings(dp={"local-lr": "0.5", "local-batch-size": "128"},
+                           no_noise={"local-batch-size": "16"})
+    planned = plan_systems(cfg, ["statistics", "fedavg"], [2.0, math.inf], {"fedavg": tuned})
     by_name = {s.name: s.cfg for _, s in planned}
     assert (by_name["dp-fedavg@eps=inf"].local_batch_size, by_name["dp-fedavg@eps=inf"].local_lr) == (16, 0.5)
     assert by_name["dp-fedavg@eps=2"].local_batch_size == 128
@@ -156,3 +157,26 @@ def test_the_no_noise_settings_reach_only_the_epsilon_inf_dp_fedavg_row() -> Non
         assert by_name[name].local_batch_size == cfg.local_batch_size
     for name in ("statistics", "dp-statistics@eps=2"):
         assert by_name[name].distill.model.name == "convnet"
+
+
+def test_fedavg_scatter_rows_train_scatternet_with_their_own_tuned_settings() -> None:
+    cfg = from_flat({"dataset": "digits", "num-clients": 3, "fedavg-rounds": 3}, base=run_preset("quick"))
+    methods = ["fedavg", "fedavg-scatter"]
+    tuned = {m: fedavg_settings(m, "fmnist", {"fedavg-rounds": "3"}, {}) for m in methods}
+    assert "fedavg-rounds" not in tuned["fedavg"].rows  # the command line beats the preset's rounds
+    planned = plan_systems(cfg, methods, [1.0, math.inf], tuned)
+    by_name = {s.name: s for _, s in planned}
+    assert {by_name[n].kind for n in by_name} == {"fedavg"}
+    for name in ("fedavg-scatter", "dp-fedavg-scatter@eps=1", "dp-fedavg-scatter@eps=inf"):
+        model = by_name[name].cfg.distill.model
+        assert (model.name, model.width, by_name[name].cfg.local_dsa_strategy) == ("scatter", 384, "none")
+    for name in ("fedavg", "dp-fedavg@eps=1"):  # the DPCNN rows keep their own network and DP-SGD
+        assert by_name[name].cfg.distill.model.name == "dpcnn"
+    dp_scatter, dp_cnn = by_name["dp-fedavg-scatter@eps=1"].cfg, by_name["dp-fedavg@eps=1"].cfg
+    assert dp_scatter.local_lr == float(tuned["fedavg-scatter"].dp["local-lr"]) != dp_cnn.local_lr == 0.4
+    plain_scatter = by_name["fedavg-scatter"].cfg  # plain FedAvg keeps its own tuned local SGD
+    assert plain_scatter.local_lr == float(tuned["fedavg-scatter"].rows["local-lr"]) != dp_scatter.local_lr
+    assert by_name["fedavg-scatter"].cfg.fedavg_rounds == 3  # the command line's rounds
+    overridden = {m: fedavg_settings(m, "fmnist", {}, {"local-lr": "3"}) for m in methods}
+    assert all(o.dp["local-lr"] == "3" for o in overridden.values())  # --dp-fedavg-set: every FedAvg method
+    assert overridden["fedavg"].no_noise == {"local-batch-size": 64}  # and it beats the no-noise settings

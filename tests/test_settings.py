@@ -59,7 +59,7 @@ def test_keys_are_every_scalar_field_of_every_section() -> None:
                                                                                        "num_partitions")
     assert all(key in KEYS for key in ALIASES.values())
     assert not any(KEYS[k] in FIXED for k in KEYS)
-    assert keys("dp") == ["dp", "target-epsilon", "delta", "max-grad-norm", "accountant"]
+    assert keys("dp") == ["dp", "target-epsilon", "delta", "max-grad-norm", "accountant", "secret-noise"]
 
 
 def test_from_flat_round_trips_every_key_and_rejects_bad_ones() -> None:

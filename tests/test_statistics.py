@@ -49,7 +49,7 @@ def test_a_dp_release_spends_its_target_and_adds_noise_of_the_calibrated_size() 
     assert meta["dp"] is True and meta["accountant"] == "analytic-gaussian" and meta["steps"] == 1
     assert math.isclose(meta["epsilon"], 2.0, rel_tol=1e-6) and meta["delta"] == 1e-5
     sigma = meta["noise-multiplier"]
-    a, _ = norm_split(1.0, exact.sums.shape[1])
+    a, _, _ = norm_split(1.0, exact.sums.shape[1])
     # the sums' noise is N(0, (sigma C / a)^2) per entry in feature units: its sample std over
     # 3 x D entries lies within a few percent of that
     measured = float((noisy.sums - exact.sums).std())
@@ -111,7 +111,8 @@ def test_a_client_asked_again_reuses_its_exact_sums_and_adds_fresh_noise(monkeyp
     from client.task import release_statistics
 
     data = blobs(n_per_class=10)
-    cfg = from_flat({"bank-size": 2, "model-width": 8, "dp": True, "target-epsilon": 3.0, "delta": 1e-3})
+    cfg = from_flat({"bank-size": 2, "model-width": 8, "dp": True, "target-epsilon": 3.0, "delta": 1e-3,
+                     "secret-noise": False})  # noise from the seed: repeatable (and strippable)
     first, meta, _, exact = release_statistics(data, cfg, 3, seed=5)
     calls = []
     original = privacy.statistics.public_sums
@@ -122,3 +123,20 @@ def test_a_client_asked_again_reuses_its_exact_sums_and_adds_fresh_noise(monkeyp
     other, _, _, _ = release_statistics(data, cfg, 3, seed=6, exact=exact)
     assert not np.array_equal(first["sums"], other["sums"])  # another request: its own noise
     assert math.isclose(meta["epsilon"], 3.0, rel_tol=1e-6)
+
+
+def test_dp_noise_is_secret_by_default_so_the_runs_seed_does_not_redraw_it() -> None:
+    """The server knows the run's seeds: a release whose noise followed them could be denoised."""
+    from client.task import release_statistics
+
+    data = blobs(n_per_class=10)
+    flat = {"bank-size": 1, "model-width": 8, "dp": True, "target-epsilon": 3.0, "delta": 1e-3}
+    secret = from_flat(flat)
+    assert secret.distill.dp.secret_noise
+    first, _, _, exact = release_statistics(data, secret, 3, seed=5)
+    again, _, _, _ = release_statistics(data, secret, 3, seed=5, exact=exact)
+    assert not np.array_equal(first["sums"], again["sums"])  # same seed, fresh noise
+    public = from_flat({**flat, "secret-noise": False})
+    a, _, _, _ = release_statistics(data, public, 3, seed=5, exact=exact)
+    b, _, _, _ = release_statistics(data, public, 3, seed=5, exact=exact)
+    assert np.array_equal(a["sums"], b["sums"])  # the seed alone fixes it: strippable by the server

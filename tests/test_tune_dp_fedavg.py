@@ -53,11 +53,11 @@ def test_a_stopped_grid_keeps_the_points_it_measured(tmp_path, monkeypatch) -> N
 
     real, calls = simulations.recipes.fedavg_recipe, []
 
-    def recipe_that_stops(cfg):
+    def recipe_that_stops(cfg, features=None):
         calls.append(cfg)
         if len(calls) == 2:
             raise KeyboardInterrupt  # the user stops the grid during its second point
-        return real(cfg)
+        return real(cfg, features)
 
     monkeypatch.setattr(simulations.recipes, "fedavg_recipe", recipe_that_stops)
     out = tmp_path / "tune"

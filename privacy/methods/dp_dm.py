@@ -15,6 +15,7 @@ from ddcore.methods.base import Synthetic
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
 from ddcore.train import Progress
+from privacy.mechanisms import noise_generator
 from privacy.methods.base import private_start
 from privacy.record import PRIVACY_KEYS
 from privacy.statistics import LR_IMAGES, bank_meta, bank_of, in_normalisation, public_view, release
@@ -50,7 +51,8 @@ def distill(
     public = public_view(data)
     bank = bank_of(model_factory, cfg, data.image_shape)
     images, labels = private_start(public, cfg, init, generator)  # refuses real starts before any release
-    stats, record = release(data, bank, replace(cfg, dp=replace(cfg.dp, enabled=True)), generator)
+    stats, record = release(data, bank, replace(cfg, dp=replace(cfg.dp, enabled=True)),
+                            noise_generator(cfg.dp, cfg.seed + 1))
     logger.info("DP-DM release: sigma %.4g (%s), C %g, epsilon %.4g at delta %g", record["noise-multiplier"],
                 record["accountant"], record["max-grad-norm"], record["epsilon"], record["delta"])
     synthetic = Synthetic.wrap(images, labels, cfg, generator)

@@ -15,6 +15,7 @@ from ddcore.methods.gm import class_gradient, gradient_distance, train_on_synthe
 from ddcore.models import ModelFactory
 from ddcore.summary import Summary
 from ddcore.train import Progress
+from privacy import mechanisms
 from privacy.accounting import Accountant, DPPlan
 from privacy.mechanisms import add_noise, clipped_sum, grad_sample_module, per_sample_gradients, poisson_mask
 from privacy.methods.base import dp_plan, privacy_meta, private_start
@@ -65,6 +66,7 @@ def distill(
     accountant (``cfg.dp.accountant``: RDP or PRV) reports after all ``cfg.iterations`` releases.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
+    secret = mechanisms.noise_generator(cfg.dp, cfg.seed + 1)  # the Poisson batches and the noise
     plan = dp_plan(data, cfg, model_factory)
     synthetic = Synthetic.wrap(*private_start(data, cfg, init, generator), cfg, generator)
     labels = synthetic.labels
@@ -77,14 +79,14 @@ def distill(
             gsm = grad_sample_module(model_factory(generator).train())
             gsm.disable_hooks()  # per-sample gradients only inside noisy_class_gradient
             opt_net = torch.optim.SGD(gsm.parameters(), lr=cfg.lr_net, momentum=0.5)
-        mask = poisson_mask(len(data), plan.sample_rate, generator)
+        mask = poisson_mask(len(data), plan.sample_rate, secret)
         images = synthetic.images()
         loss = torch.zeros((), device=images.device)
         for c in classes:
             aug = sample_params(cfg.dsa_strategy, 1, generator, cfg.dsa_mode, shape=data.image_shape)
             real = data.x[mask & (data.y == c)].to(cfg.device)
             real = apply(real, aug) if real.shape[0] else real
-            target = noisy_class_gradient(gsm, real, c, plan, generator)
+            target = noisy_class_gradient(gsm, real, c, plan, secret)
             g_syn = class_gradient(gsm, apply(images[labels == c], aug), c, create_graph=True)
             loss = loss + gradient_distance(g_syn, target)
         accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
