@@ -65,7 +65,8 @@ def near_copies_cell(view: dict | None) -> str:
 
 def dp_bound_cell(view: dict | None) -> str:
     """Whether every ROC point of the server-view attack sits under e^eps FPR + delta (DP rows)."""
-    checked = [view.get("dp_bound")] + [r.get("dp_bound") for r in view.get("per_client", [])] if view else []
+    checked = ([view.get("dp_bound"), (view.get("total") or {}).get("dp_bound")]
+               + [r.get("dp_bound") for r in view.get("per_client", [])] if view else [])
     if view is None or "dp_bound_holds" not in view or all(c is None for c in checked):
         return "-"  # no DP: there is no bound to check
     return "holds" if view["dp_bound_holds"] else "**VIOLATED**"
