@@ -177,3 +177,34 @@ def test_per_client_attacks_compare_class_matched_records() -> None:
     assert torch.equal(torch.bincount(a.y, minlength=4), torch.bincount(b.y, minlength=4))
     fair = membership_summary(update_scores(before, after, a), update_scores(before, after, b))
     assert abs(fair["auc"] - 0.5) < 0.15  # no member among them: matched, the attack is near guessing
+
+
+def test_under_secure_aggregation_the_sum_alone_is_attacked_and_its_dp_bound_checked() -> None:
+    """The server of a SecAgg+ run holds the sum: tracing runs on it with every client's records."""
+    from ddcore.models import model_factory
+    from ddcore.runconfig import run_preset, run_splits
+    from privacy.class_release import noisy_release
+    from privacy.received import Received
+    from privacy.server_audit import statistics_view
+    from privacy.single_release import calibrate_gaussian
+    from privacy.statistics import bank_of, public_sums
+
+    cfg = from_flat({"dataset": "digits", "summary-kind": "statistics", "bank-size": 2},
+                    base=run_preset("quick"))
+    splits = run_splits(cfg)
+    bank = bank_of(model_factory(cfg.distill.model, splits.train.image_shape, 10), cfg.distill,
+                   splits.train.image_shape)
+    exact = public_sums(splits.train, bank)
+    sigma = calibrate_gaussian(target_epsilon=1.0, delta=1e-5)
+    noisy = noisy_release(exact.sums, exact.counts, max_norm=1.0, noise_multiplier=sigma,
+                          generator=torch.Generator().manual_seed(0))
+    view = statistics_view(cfg, Received(total=noisy), splits, samples=300,
+                           generator=torch.Generator().manual_seed(1), epsilons={0: 1.0}, delta=1e-5)
+    assert view["per_client"] == [] and "secure sum" in view["attack"]
+    total = view["total"]
+    assert total["members"] == total["nonmembers"] >= 150 and total["dp_bound"]["epsilon"] == 1.0
+    assert view["dp_bound_holds"] and view["auc"] == view["total"]["auc"]
+    # without noise the sum of every client's records is attacked, and no bound is claimed
+    plain = statistics_view(cfg, Received(total=exact), splits, samples=300,
+                            generator=torch.Generator().manual_seed(1), epsilons={}, delta=1e-5)
+    assert plain["total"]["dp_bound"] is None and 0.0 <= plain["auc"] <= 1.0
